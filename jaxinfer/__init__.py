@@ -1,0 +1,1 @@
+"""jaxinfer: pure-functional JAX/XLA inference for Llama-family language models."""

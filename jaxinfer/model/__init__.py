@@ -1,0 +1,1 @@
+"""Device-side model: parameters, layers, attention dispatch, forward pass."""

@@ -1,0 +1,1 @@
+"""Weight files: Hugging Face safetensors and GGUF readers, name maps, loaders."""
