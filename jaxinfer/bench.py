@@ -1,0 +1,270 @@
+"""Benchmarks of BENCHMARKS.md (`single`, `batch`): JSON lines with the peer and the roofline.
+
+Every invocation measures the machine's streaming bandwidth and matmul FLOP/s itself and
+runs the Hugging Face peer in the same process (`--compare hf`), because absolute times on
+shared machines drift from run to run: compare ratios, not numbers across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.cache.paged import kv_bytes_per_token
+from jaxinfer.config import ModelConfig
+from jaxinfer.model.params import param_bytes
+from jaxinfer.weights.loader import DEFAULT_MODEL_NAME
+
+SINGLE_PROMPT_LEN, SINGLE_NEW = 128, 128
+BATCH_PROMPTS, BATCH_NEW = 32, 64
+HF_BATCH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What `jaxinfer bench` runs."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    workload: str = "single"
+    compare: str | None = None
+    repeats: int = 3
+    output: str | None = None
+
+
+# ------------------------------------------------------------------ workloads
+def random_prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(length)]
+
+
+def single_prompts() -> list[list[int]]:
+    return [random_prompt(1, SINGLE_PROMPT_LEN)]
+
+
+def batch_prompts() -> list[list[int]]:
+    lengths = random.Random(7)
+    sizes = [lengths.randrange(64, 513) for _ in range(BATCH_PROMPTS)]
+    return [random_prompt(i, n) for i, n in enumerate(sizes)]
+
+
+# ------------------------------------------------------------------ machine peaks
+def device_name() -> str:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return f"cpu-{os.cpu_count()}core"
+    return dev.device_kind.lower().replace(" ", "-")
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peaks() -> dict[str, float]:
+    """Streaming bandwidth (GB/s) of a jitted vector-matrix product and f32 matmul GFLOP/s."""
+    rows, cols = 8192, 16384  # 512 MiB of float32
+    w = jax.random.normal(jax.random.PRNGKey(0), (rows, cols), jnp.float32)
+    x = jnp.ones((1, cols), jnp.float32)
+    matvec = jax.jit(lambda x, w: jnp.einsum("td,fd->tf", x, w))
+    bw = w.nbytes / _best_time(lambda: matvec(x, w), 10) / 1e9
+    del w
+    n = 2048
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    gflops = 2 * n**3 / _best_time(lambda: matmul(a, a), 5) / 1e9
+    return {"peak_bw_gbs": round(bw, 2), "peak_gflops": round(gflops, 1)}
+
+
+# ------------------------------------------------------------------ cost model
+def matmul_flops_per_token(cfg: ModelConfig) -> float:
+    """Projection + MLP FLOPs of one token through all layers (no LM head, no attention)."""
+    d, e, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    per_layer = d * e * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    return 2.0 * per_layer * cfg.num_layers
+
+
+def attention_flops(cfg: ModelConfig, context: int) -> float:
+    """q.k and p.v FLOPs of one token attending to `context` keys, all layers."""
+    return 4.0 * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
+
+
+def head_flops(cfg: ModelConfig) -> float:
+    return 2.0 * cfg.vocab_size * cfg.hidden_size
+
+
+def workload_flops(cfg: ModelConfig, prompts: list[list[int]], new_tokens: int) -> float:
+    """FLOPs of prefilling `prompts` and decoding `new_tokens` each (LM head per output)."""
+    total = 0.0
+    for p in prompts:
+        n = len(p)
+        total += n * matmul_flops_per_token(cfg) + attention_flops(cfg, (n + 1) / 2) * n
+        for i in range(new_tokens):
+            total += head_flops(cfg)
+            if i:
+                total += matmul_flops_per_token(cfg) + attention_flops(cfg, n + i)
+    return total
+
+
+def decode_step_bytes(cfg: ModelConfig, params_bytes: int, context: float) -> float:
+    """Bytes one batch-1 decode step must read: every weight once plus the KV so far."""
+    return params_bytes + kv_bytes_per_token(cfg) * context
+
+
+# ------------------------------------------------------------------ systems
+class JaxinferSystem:
+    name = "jaxinfer"
+
+    def __init__(self, options: BenchOptions):
+        import jaxinfer
+
+        self.llm = jaxinfer.load(options.model, dtype=options.dtype)
+        self.cfg = self.llm.cfg
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+        from jaxinfer.sampling import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        compile_before = self.llm.compile_stats.seconds
+        outs = self.llm.generate(prompts, params)
+        wall = time.perf_counter() - start - (self.llm.compile_stats.seconds - compile_before)
+        assert all(len(o.token_ids) == new_tokens for o in outs)
+        decode_s = max(o.decode_s for o in outs)
+        return {"ttft_s": outs[0].ttft_s, "decode_s": decode_s, "wall_s": wall,
+                "tokens": [o.token_ids for o in outs]}
+
+
+class HFSystem:
+    name = "hf-transformers"
+
+    def __init__(self, model_path: str):
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        kwargs: dict[str, Any] = dict(dtype=torch.float32)
+        if model_path.endswith(".gguf"):
+            folder, name = os.path.split(model_path)
+            kwargs["gguf_file"] = name
+        else:
+            folder = model_path
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+        self.pad_id = int(self.model.config.eos_token_id if isinstance(
+            self.model.config.eos_token_id, int) else 0)
+
+    def _generate(self, batch: list[list[int]], new_tokens: int) -> Any:
+        torch = self.torch
+        width = max(map(len, batch))
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            return self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                pad_token_id=self.pad_id)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+        start = time.perf_counter()
+        if len(prompts) == 1:
+            self._generate(prompts, 1)
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            out = self._generate(prompts, new_tokens)
+            total = time.perf_counter() - start
+            tokens = [out[0, len(prompts[0]):].tolist()]
+            return {"ttft_s": ttft, "decode_s": total - ttft, "wall_s": total,
+                    "tokens": tokens}
+        tokens = []
+        for i in range(0, len(prompts), HF_BATCH):
+            chunk = prompts[i:i + HF_BATCH]
+            out = self._generate(chunk, new_tokens)
+            tokens += out[:, -new_tokens:].tolist()
+        return {"ttft_s": float("nan"), "decode_s": float("nan"),
+                "wall_s": time.perf_counter() - start, "tokens": tokens}
+
+
+# ------------------------------------------------------------------ driver
+def _median_run(system: Any, prompts: list[list[int]], new_tokens: int,
+                repeats: int) -> dict[str, float]:
+    system.run(prompts, new_tokens)  # warm-up: compilation, allocator, caches
+    runs = [system.run(prompts, new_tokens)
+            for _ in tqdm(range(repeats), desc=f"{system.name}", leave=False, file=sys.stderr)]
+    keys = ("ttft_s", "decode_s", "wall_s")
+    result: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    result["tokens"] = runs[-1]["tokens"]
+    return result
+
+
+def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
+    """Run one workload for jaxinfer (and the peer); print and return the JSON records."""
+    ours = JaxinferSystem(options)
+    cfg = ours.cfg
+    prompts = single_prompts() if options.workload == "single" else batch_prompts()
+    new_tokens = SINGLE_NEW if options.workload == "single" else BATCH_NEW
+    peaks = measure_peaks()
+    base = {"workload": options.workload, "model": options.model or DEFAULT_MODEL_NAME,
+            "device": device_name(), "dtype": options.dtype, **peaks}
+    flops = workload_flops(cfg, prompts, new_tokens)
+    pbytes = param_bytes(ours.llm.params)
+    systems: list[Any] = [ours]
+    if options.compare == "hf":
+        from jaxinfer.weights.loader import resolve_model_path
+
+        systems.append(HFSystem(str(resolve_model_path(options.model))))
+    records = []
+    for system in systems:
+        r = _median_run(system, prompts, new_tokens, options.repeats)
+        rec: dict[str, Any] = {**base, "system": system.name}
+        if options.workload == "single":
+            decode_tok_s = (new_tokens - 1) / r["decode_s"]
+            context = len(prompts[0]) + new_tokens / 2
+            step_bytes = decode_step_bytes(cfg, pbytes, context)
+            rec.update(ttft_s=round(r["ttft_s"], 4), decode_tok_s=round(decode_tok_s, 2),
+                       bw_util=round(step_bytes * decode_tok_s / 1e9 / peaks["peak_bw_gbs"], 3),
+                       ttft_compute_util=round(
+                           workload_flops(cfg, prompts, 1) / r["ttft_s"] / 1e9
+                           / peaks["peak_gflops"], 3))
+        else:
+            generated = len(prompts) * new_tokens
+            rec.update(gen_tok_s=round(generated / r["wall_s"], 2), wall_s=round(r["wall_s"], 2),
+                       compute_util=round(flops / r["wall_s"] / 1e9 / peaks["peak_gflops"], 3))
+        if system is ours:
+            rec["compile_s"] = round(ours.llm.compile_stats.seconds, 2)
+            rec["programs"] = ours.llm.compile_stats.programs
+        rec["_tokens"] = r["tokens"]
+        records.append(rec)
+    if len(records) == 2:
+        a, b = records
+        agree = np.mean([x == y for p, q in zip(a["_tokens"], b["_tokens"], strict=True)
+                         for x, y in zip(p, q, strict=True)])
+        key = "decode_tok_s" if options.workload == "single" else "gen_tok_s"
+        a["vs_hf"] = {key: round(a[key] / b[key], 2), "token_agreement": round(float(agree), 4)}
+        if options.workload == "single":
+            a["vs_hf"]["ttft_speedup"] = round(b["ttft_s"] / a["ttft_s"], 2)
+    for rec in records:
+        rec.pop("_tokens")
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if options.output:
+            with open(options.output, "a") as f:
+                f.write(line + "\n")
+    return records

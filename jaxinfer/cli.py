@@ -1,0 +1,138 @@
+"""Command line: `jaxinfer generate | bench`. Thin: parse into config objects, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jaxinfer.errors import JaxinferError
+
+DEFAULT_PROMPT_HELP = "the prompt; '-' reads it from standard input"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="GGUF file, Hugging Face folder, or name under checkpoints/ "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations dtype (default float32: fastest on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's context)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default); higher is more random")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min-p x the likeliest one's probability (0: off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeat the flag for several)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxinfer", description="Pure-functional JAX/XLA LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate", help="generate text for a prompt, streaming it to the terminal",
+        description="Generate text for PROMPT with a local model; text streams as produced. "
+                    "Timings go to standard error.")
+    _add_model_args(gen)
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the model's chat template as a user message")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar or timings")
+    _add_sampling_args(gen)
+    gen.add_argument("prompt", metavar="PROMPT", help=DEFAULT_PROMPT_HELP)
+
+    bench = sub.add_parser(
+        "bench", help="run a benchmark workload and print JSON lines",
+        description="Benchmark workloads of BENCHMARKS.md. Prints one JSON object per result, "
+                    "including the machine's measured bandwidth and FLOP/s and, with "
+                    "--compare hf, the Hugging Face transformers peer run in the same process.")
+    _add_model_args(bench)
+    bench.add_argument("--workload", default="single", choices=["single", "batch"],
+                       help="single: 1 x 128-token prompt, 128 new tokens; batch: 32 prompts "
+                            "of 64-512 tokens, 64 new tokens each")
+    bench.add_argument("--compare", default=None, choices=["hf"],
+                       help="also run Hugging Face transformers (torch) on the same model")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="timed repetitions after warm-up; the best is reported")
+    bench.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    return parser
+
+
+def _read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jaxinfer
+    from jaxinfer.sampling import SamplingParams
+
+    sampling = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos)
+    llm = jaxinfer.load(args.model, dtype=args.dtype, progress=not args.quiet,
+                        max_model_len=args.max_model_len)
+    prompt = _read_prompt(args.prompt)
+
+    def stream(_: int, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        (out,) = llm.chat(messages, sampling, on_text=stream)
+    else:
+        (out,) = llm.generate(prompt, sampling, on_text=stream)
+    sys.stdout.write("\n")
+    if not args.quiet:
+        s = llm.last_stats
+        decode_tps = (len(out.token_ids) - 1) / out.decode_s if out.decode_s > 0 else 0.0
+        print(f"[{len(out.prompt_token_ids)} prompt tokens, {len(out.token_ids)} generated "
+              f"({out.finish_reason}); time to first token {out.ttft_s:.3f} s, decode "
+              f"{decode_tps:.1f} tokens/s; compile {s.compile_s:.1f} s for "
+              f"{s.programs_compiled} programs (excluded)]", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxinfer.bench import BenchOptions, run_benchmark
+
+    options = BenchOptions(model=args.model, dtype=args.dtype, workload=args.workload,
+                           compare=args.compare, repeats=args.repeats, output=args.output)
+    run_benchmark(options)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `jaxinfer` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "bench":
+            return _bench(args)
+    except JaxinferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The decoder forward pass: `forward(params, cfg, batch, cache) -> (logits, cache)`.
+
+Pure: the KV cache comes in and goes out (donate it under jit). Layers run under
+`lax.scan` over the stacked weights; the cache is carried whole and written in place at
+each layer's index, so no layer's cache is ever copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import StepBatch
+from jaxinfer.cache.paged import KVCache
+from jaxinfer.config import ModelConfig
+from jaxinfer.model.attention import attention
+from jaxinfer.model.layers import apply_rope, gated_mlp, linear, rms_norm, rope_tables
+from jaxinfer.model.params import LayerParams, Params
+
+_NO_WINDOW = np.int32(2**30)
+
+
+@flax.struct.dataclass
+class Batch:
+    """Device copy of a `StepBatch` (see jaxinfer.batch for the fields)."""
+
+    tokens: Any  # [T] int32
+    positions: Any  # [T] int32
+    slot_mapping: Any  # [T] int32
+    query_start: Any  # [S+1] int32
+    kv_lens: Any  # [S] int32
+    page_table: Any  # [S, P] int32
+    logits_indices: Any  # [S] int32
+    max_query_len: int = flax.struct.field(pytree_node=False, default=1)
+
+    @classmethod
+    def from_step(cls, step: StepBatch, tokens: Any = None) -> Batch:
+        """Wrap a host `StepBatch`; `tokens` may replace its tokens with a device array."""
+        return cls(
+            tokens=step.tokens if tokens is None else tokens,
+            positions=step.positions, slot_mapping=step.slot_mapping,
+            query_start=step.query_start, kv_lens=step.kv_lens, page_table=step.page_table,
+            logits_indices=step.logits_indices, max_query_len=step.max_query_len,
+        )
+
+
+def _project(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """x [T, D] @ w [N, E, D] -> [T, N, E] (+ bias [N, E])."""
+    y = linear(x, w)
+    return y if b is None else y + b[None]
+
+
+def _layer(
+    cfg: ModelConfig, batch: Batch, rope: tuple[jax.Array, ...], carry: tuple, xs: tuple
+) -> tuple[tuple, None]:
+    x, k_cache, v_cache = carry
+    lp, layer, is_sliding = xs
+    lp: LayerParams
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp.attn_norm, eps, offset)
+        q = _project(h, lp.wq, lp.bq)  # [T, H, E]
+        k = _project(h, lp.wk, lp.bk)  # [T, K, E]
+        v = _project(h, lp.wv, lp.bv)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp.q_norm, eps, offset)
+            k = rms_norm(k, lp.k_norm, eps, offset)
+        cos, sin = rope[0], rope[1]
+        if len(rope) == 4:  # per-layer choice between global and local RoPE
+            cos = jnp.where(is_sliding, rope[2], cos)
+            sin = jnp.where(is_sliding, rope[3], sin)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        # Write this step's keys/values, then attend over the cache (they are included).
+        C = k_cache.shape[2]
+        page, slot = batch.slot_mapping // C, batch.slot_mapping % C
+        k_cache = k_cache.at[layer, page, slot].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layer, page, slot].set(v.astype(v_cache.dtype), mode="drop")
+        window = None
+        if cfg.has_sliding_layers:
+            window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
+        o = attention(cfg, q, k_cache[layer], v_cache[layer], batch, window)
+        o = linear(o, lp.wo)
+        if lp.bo is not None:
+            o = o + lp.bo[None]
+        if cfg.sandwich_norms:
+            o = rms_norm(o, lp.post_attn_norm, eps, offset)
+        x = x + o
+
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp.mlp_norm, eps, offset)
+        m = gated_mlp(h, lp.w_gate, lp.w_up, lp.w_down, cfg.hidden_act)
+        if cfg.sandwich_norms:
+            m = rms_norm(m, lp.post_mlp_norm, eps, offset)
+        x = x + m
+    return (x, k_cache, v_cache), None
+
+
+def hidden_states(
+    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """Final-norm hidden states [T, D] of every token, and the updated cache."""
+    with jax.named_scope("embed"):
+        x = jnp.take(params.embed, batch.tokens, axis=0)
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    rope = rope_tables(cfg.rope, cfg, batch.positions)
+    if cfg.local_rope is not None and cfg.has_sliding_layers:
+        rope = rope + rope_tables(cfg.local_rope, cfg, batch.positions)
+    xs = (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32),
+          jnp.asarray(cfg.sliding_layer_mask))
+
+    def body(carry: tuple, layer_xs: tuple) -> tuple[tuple, None]:
+        return _layer(cfg, batch, rope, carry, layer_xs)
+
+    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
+    return x, KVCache(k=k, v=v)
+
+
+def compute_logits(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Float32 logits [N, V] for hidden states x [N, D]."""
+    head = params.embed if params.lm_head is None else params.lm_head
+    logits = linear(x, head, preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:
+        cap = cfg.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+def forward(
+    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache, *, all_logits: bool = False
+) -> tuple[jax.Array, KVCache]:
+    """Run one ragged step.
+
+    Args:
+      params: model weights.
+      cfg: the model configuration (static).
+      batch: device batch (see `Batch.from_step`).
+      cache: the KV cache; the new tokens' keys/values are written into it.
+      all_logits: return logits for every token [T, V] instead of each sequence's last
+        new token [S, V] (the LM head is the costliest matmul of a prefill step).
+
+    Returns:
+      (float32 logits, updated cache).
+    """
+    x, cache = hidden_states(params, cfg, batch, cache)
+    if not all_logits:
+        x = jnp.take(x, batch.logits_indices, axis=0)
+    with jax.named_scope("lm_head"):
+        return compute_logits(params, cfg, x), cache

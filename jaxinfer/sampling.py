@@ -1,0 +1,116 @@
+"""Sampling parameters (host side, never imports jax) and their packing into arrays.
+
+`SamplingParams` follows vLLM's names and meanings; invalid values are refused when the
+object is built, with the valid range in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxinfer.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens and when to stop.
+
+    Attributes:
+      temperature: 0 means greedy; otherwise logits are divided by it.
+      top_k: keep the k most likely tokens (0 or -1: all).
+      top_p: keep the smallest set of tokens whose probability reaches top_p (1: all).
+      min_p: drop tokens less likely than min_p times the most likely one (0: none).
+      seed: per-request seed; the same seed gives the same tokens. None draws one.
+      max_tokens: most new tokens to generate.
+      stop: strings that end generation (not included in the output).
+      stop_token_ids: extra token ids that end generation.
+      ignore_eos: keep generating past end-of-sequence tokens (benchmarks).
+      skip_special_tokens: drop special tokens from the text.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, rule: str) -> InputError:
+            return InputError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
+
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "must be an integer >= 1, or 0 / -1 to disable")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be an integer >= 1")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer or None")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-sequence sampling parameters packed for the device, [S] each."""
+
+    temperature: np.ndarray  # float32
+    top_k: np.ndarray  # int32, 0 = off
+    top_p: np.ndarray  # float32
+    min_p: np.ndarray  # float32
+    seed: np.ndarray  # uint32
+    step: np.ndarray  # int32: tokens generated so far (folds into the key)
+    all_greedy: bool
+
+
+def resolve_seed(params: SamplingParams) -> int:
+    """The request's seed, drawn at random when it has none."""
+    return params.seed if params.seed is not None else secrets.randbits(32)
+
+
+def pack_sampling(
+    params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int], num_slots: int
+) -> SamplingArrays:
+    """Pack the parameters of `len(params)` sequences into arrays of length `num_slots`."""
+    n = len(params)
+    pad = num_slots - n
+    temps = np.array([p.temperature for p in params] + [0.0] * pad, np.float32)
+    return SamplingArrays(
+        temperature=temps,
+        top_k=np.array([max(p.top_k, 0) for p in params] + [0] * pad, np.int32),
+        top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
+        min_p=np.array([p.min_p for p in params] + [0.0] * pad, np.float32),
+        seed=np.array([s % 2**32 for s in seeds] + [0] * pad, np.uint32),
+        step=np.array(list(steps) + [0] * pad, np.int32),
+        all_greedy=bool(np.all(temps == 0)),
+    )

