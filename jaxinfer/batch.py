@@ -52,6 +52,8 @@ class StepBatch:
       num_seqs: real sequences (<= S).
       num_tokens: real tokens (<= T).
       max_query_len: static bucket >= every sequence's new-token count.
+      prefix_free: no sequence has tokens in the cache before this step (every chunk starts
+        at position 0), so attention needs only this step's keys and values.
     """
 
     tokens: np.ndarray
@@ -64,12 +66,13 @@ class StepBatch:
     num_seqs: int
     num_tokens: int
     max_query_len: int
+    prefix_free: bool = False
 
     @property
-    def shape_key(self) -> tuple[int, int, int, int]:
-        """(T, S, P, max_query_len): the compiled program this batch needs."""
+    def shape_key(self) -> tuple[int, int, int, int, bool]:
+        """(T, S, P, max_query_len, prefix_free): the compiled program this batch needs."""
         return (len(self.tokens), len(self.kv_lens), self.page_table.shape[1],
-                self.max_query_len)
+                self.max_query_len, self.prefix_free)
 
     @property
     def is_decode(self) -> bool:
@@ -136,4 +139,5 @@ def build_step_batch(
     return StepBatch(tokens=tokens, positions=positions, slot_mapping=slots,
                      query_start=query_start, kv_lens=kv_lens, page_table=page_table,
                      logits_indices=logits_indices, num_seqs=len(chunks),
-                     num_tokens=num_tokens, max_query_len=Qm)
+                     num_tokens=num_tokens, max_query_len=Qm,
+                     prefix_free=Qm > 1 and all(c.start == 0 for c in chunks))

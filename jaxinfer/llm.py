@@ -303,15 +303,21 @@ class LLM:
 
     def _prefill(self, prefill: list[_Request], on_text: TextCallback | None,
                  stats: GenerateStats) -> None:
+        # Whole prompts are packed while they fit, so most steps start every sequence at
+        # position 0 (prefix-free: attention reads no pages). A prompt is split only when it
+        # alone exceeds the budget; its later chunks then run alone.
         budget = self.max_num_batched_tokens
         chunks, reqs = [], []
         for r in prefill:
-            if budget == 0:
+            remaining = len(r.prompt_ids) - r.num_scheduled
+            if chunks and remaining > budget:
                 break
-            n = min(len(r.prompt_ids) - r.num_scheduled, budget)
+            n = min(remaining, budget)
             chunks.append(r.prompt_ids[r.num_scheduled:r.num_scheduled + n])
             reqs.append(r)
             budget -= n
+            if budget == 0 or r.num_scheduled > 0:
+                break
         out = self._dispatch(reqs, chunks, stats)
         tokens = np.asarray(out)
         for r, token in zip(reqs, tokens, strict=False):

@@ -44,23 +44,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def linear(x: jax.Array, w: jax.Array, preferred_element_type: jnp.dtype | None = None
            ) -> jax.Array:
-    """x [T, *in] times weights [*out, *in] (PyTorch layout) -> [T, *out].
+    """x [T, in] times weights [out, in] (PyTorch layout) -> [T, out].
 
     The contraction is written two ways on purpose: XLA:CPU runs a single row (decode) about
     2x faster as `x @ w.T` (a gemv over rows) and many rows about 2x faster as a dot_general
     contracting both minor axes (measured in docs/architecture.md). Both are one dot to GPU
     and TPU compilers.
     """
-    T = x.shape[0]
-    out_shape = w.shape[: w.ndim - (x.ndim - 1)]
-    x2 = x.reshape(T, -1)
-    w2 = w.reshape(-1, x2.shape[1])
-    if T == 1:
-        y = jnp.matmul(x2, w2.T, preferred_element_type=preferred_element_type)
-    else:
-        y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())),
-                                preferred_element_type=preferred_element_type)
-    return y.reshape(T, *out_shape)
+    if x.shape[0] == 1:
+        return jnp.matmul(x, w.T, preferred_element_type=preferred_element_type)
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=preferred_element_type)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -71,10 +65,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def gated_mlp(
-    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act: str
-) -> jax.Array:
-    """down(act(gate(x)) * up(x)) for x [T, D], weights in (out, in) layout."""
-    gate = linear(x, w_gate)
-    up = linear(x, w_up)
-    return linear(activation(act, gate) * up, w_down)
+def gated_mlp(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
+    """down(act(gate(x)) * up(x)) for x [T, D]; w_gate_up [2F, D] has gate/up interleaved."""
+    gate_up = linear(x, w_gate_up).reshape(x.shape[0], -1, 2)  # [T, F, 2]
+    return linear(activation(act, gate_up[..., 0]) * gate_up[..., 1], w_down)

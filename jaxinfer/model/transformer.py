@@ -36,6 +36,7 @@ class Batch:
     page_table: Any  # [S, P] int32
     logits_indices: Any  # [S] int32
     max_query_len: int = flax.struct.field(pytree_node=False, default=1)
+    prefix_free: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_step(cls, step: StepBatch, tokens: Any = None) -> Batch:
@@ -45,13 +46,8 @@ class Batch:
             positions=step.positions, slot_mapping=step.slot_mapping,
             query_start=step.query_start, kv_lens=step.kv_lens, page_table=step.page_table,
             logits_indices=step.logits_indices, max_query_len=step.max_query_len,
+            prefix_free=step.prefix_free,
         )
-
-
-def _project(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    """x [T, D] @ w [N, E, D] -> [T, N, E] (+ bias [N, E])."""
-    y = linear(x, w)
-    return y if b is None else y + b[None]
 
 
 def _layer(
@@ -64,9 +60,13 @@ def _layer(
 
     with jax.named_scope("attention"):
         h = rms_norm(x, lp.attn_norm, eps, offset)
-        q = _project(h, lp.wq, lp.bq)  # [T, H, E]
-        k = _project(h, lp.wk, lp.bk)  # [T, K, E]
-        v = _project(h, lp.wv, lp.bv)
+        T, K, G, E = x.shape[0], cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+        qkv = linear(h, lp.wqkv)
+        if lp.bqkv is not None:
+            qkv = qkv + lp.bqkv[None]
+        qkv = qkv.reshape(T, K, G + 2, E)  # per KV head: G query heads, key, value
+        q = qkv[:, :, :G].reshape(T, K * G, E)  # [T, H, E]
+        k, v = qkv[:, :, G], qkv[:, :, G + 1]  # [T, K, E]
         if cfg.qk_norm:
             q = rms_norm(q, lp.q_norm, eps, offset)
             k = rms_norm(k, lp.k_norm, eps, offset)
@@ -85,8 +85,8 @@ def _layer(
         window = None
         if cfg.has_sliding_layers:
             window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
-        o = attention(cfg, q, k_cache[layer], v_cache[layer], batch, window)
-        o = linear(o, lp.wo)
+        o = attention(cfg, q, k, v, k_cache[layer], v_cache[layer], batch, window)
+        o = linear(o.reshape(o.shape[0], -1), lp.wo)
         if lp.bo is not None:
             o = o + lp.bo[None]
         if cfg.sandwich_norms:
@@ -95,7 +95,7 @@ def _layer(
 
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, eps, offset)
-        m = gated_mlp(h, lp.w_gate, lp.w_up, lp.w_down, cfg.hidden_act)
+        m = gated_mlp(h, lp.w_gate_up, lp.w_down, cfg.hidden_act)
         if cfg.sandwich_norms:
             m = rms_norm(m, lp.post_mlp_norm, eps, offset)
         x = x + m

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.config import ModelConfig, from_hf_config, hf_config_from_gguf_metadata
 from jaxinfer.errors import CheckpointError, ConfigError
-from jaxinfer.model.params import LayerParams, ParamSpec, Params, param_specs
+from jaxinfer.model.params import LayerParams, Params, param_specs
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.weights.gguf_io import GGUFFile
 from jaxinfer.weights.names import (
@@ -29,6 +29,9 @@ from jaxinfer.weights.names import (
     GGUF_PERMUTED_ARCHS,
     HF_IGNORED_SUFFIXES,
     TensorEntry,
+    combine_parts,
+    part_shapes,
+    rope_permuted_heads,
     tensor_entries,
     undo_rope_permutation,
 )
@@ -138,19 +141,6 @@ class _GGUFSource:
         return f"{name!r} in {self.file.path}"
 
 
-def _raw_shape(spec: ParamSpec, per_layer: bool) -> tuple[int, ...]:
-    """Checkpoint shape of one tensor: our shape with (heads, head_dim) merged."""
-    skip = 1 if per_layer else 0
-    shape, axes = spec.shape[skip:], spec.axes[skip:]
-    out: list[int] = []
-    for i, (size, axis) in enumerate(zip(shape, axes, strict=True)):
-        if axis == "head_dim" and i > 0 and axes[i - 1] in ("heads", "kv_heads"):
-            out[-1] *= size
-        else:
-            out.append(size)
-    return tuple(out)
-
-
 def load_params(
     path: str | os.PathLike[str] | GGUFFile, cfg: ModelConfig, *, progress: bool = True
 ) -> Params:
@@ -182,14 +172,15 @@ def load_params(
     entries = tensor_entries(cfg)
     specs = param_specs(cfg)
 
-    def names_of(entry: TensorEntry) -> list[str]:
-        template = getattr(entry, fmt)
-        if entry.per_layer:
-            return [template.format(i=i) for i in range(cfg.num_layers)]
-        return [template]
+    def names_of(entry: TensorEntry, i: int | None) -> list[str]:
+        return [template.format(i=i) for template in getattr(entry, fmt)]
+
+    def all_names(entry: TensorEntry) -> list[str]:
+        layers = range(cfg.num_layers) if entry.per_layer else [None]
+        return [n for i in layers for n in names_of(entry, i)]
 
     available = set(source.names())
-    expected = {n for entry in entries for n in names_of(entry)}
+    expected = {n for entry in entries for n in all_names(entry)}
     missing = sorted(expected - available)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -206,33 +197,36 @@ def load_params(
     np_dtype = NP_DTYPES[cfg.dtype]
     permute = gguf_arch in GGUF_PERMUTED_ARCHS
     norm_offset = cfg.norm_weight_offset if gguf_arch else 0.0
+
+    def read_part(name: str, shape: tuple[int, ...], entry: TensorEntry) -> np.ndarray:
+        array = np.asarray(source.read(name))
+        if tuple(array.shape) != shape:
+            raise CheckpointError(
+                f"tensor {source.describe(name)} has shape {tuple(array.shape)}, "
+                f"expected {shape} for this configuration")
+        array = array.astype(np.float32, copy=False)
+        heads = rope_permuted_heads(name, cfg) if permute else None
+        if heads:
+            array = undo_rope_permutation(array, heads)
+        if norm_offset and entry.norm:
+            array = array - np.float32(norm_offset)
+        return array
+
     values: dict[str, jax.Array] = {}
-    total = sum(len(names_of(e)) for e in entries)
-    with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=len(expected), desc=f"loading {path.name}", unit="tensor",
+              disable=not progress, leave=False) as bar:
         for entry in entries:
             spec = _get_field(specs, entry.field)
-            raw_shape = _raw_shape(spec, entry.per_layer)
-            names = names_of(entry)
-            shape = spec.shape[1:] if entry.per_layer else spec.shape
-            out = np.empty((len(names), *shape) if entry.per_layer else shape, np_dtype)
-            for i, name in enumerate(names):
-                array = np.asarray(source.read(name))
-                if tuple(array.shape) != raw_shape:
-                    raise CheckpointError(
-                        f"tensor {source.describe(name)} has shape {tuple(array.shape)}, "
-                        f"expected {raw_shape} for this configuration")
-                array = array.astype(np.float32, copy=False)
-                if permute and entry.rope_permuted:
-                    heads = cfg.num_heads if entry.rope_permuted == "q" else cfg.num_kv_heads
-                    array = undo_rope_permutation(array, heads)
-                if norm_offset and entry.norm:
-                    array = array - np.float32(norm_offset)
-                if entry.per_layer:
-                    out[i] = array.reshape(shape)
+            shapes = part_shapes(entry, cfg)
+            out = np.empty(spec.shape, np_dtype)
+            for i in range(cfg.num_layers) if entry.per_layer else [None]:
+                parts = [read_part(n, shape, entry)
+                         for n, shape in zip(names_of(entry, i), shapes, strict=True)]
+                bar.update(len(parts))
+                if i is None:
+                    out[...] = combine_parts(entry, parts, cfg)
                 else:
-                    out[...] = array.reshape(shape)
-                bar.update(1)
+                    out[i] = combine_parts(entry, parts, cfg)
             values[entry.field] = jnp.asarray(out)
     return _assemble(values, cfg)
 

@@ -1,7 +1,8 @@
 """One declarative name map per family: our parameter fields <-> HF and GGUF tensor names.
 
-Each entry also names the per-tensor transforms a format needs (reshape is implied by the
-target shape; GGUF adds llama.cpp's q/k row permutation and Gemma's norm offset).
+An entry lists the checkpoint tensors that make up one field (several for the fused
+`wqkv` and `w_gate_up`), how they combine, and the per-tensor transforms a format needs:
+llama.cpp's q/k row permutation and Gemma's norm offset (GGUF only).
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ from jaxinfer.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
-    """One parameter field and where it lives in each format.
+    """One parameter field and the checkpoint tensors it is made of.
 
     Attributes:
-      field: dotted path in `Params` ("embed", "layers.wq", ...).
-      hf: Hugging Face tensor name; "{i}" stands for the layer index.
-      gguf: GGUF tensor name; "{i}" stands for the layer index.
-      per_layer: stacked over layers (field of `LayerParams`).
-      rope_permuted: llama.cpp permuted its rows for interleaved RoPE ("q" or "k").
+      field: dotted path in `Params` ("embed", "layers.wqkv", ...).
+      hf: Hugging Face tensor names of the parts; "{i}" stands for the layer index.
+      gguf: GGUF tensor names of the parts, in the same order.
+      combine: how parts join: None (one part), "qkv" or "gate_up" (see `combine_parts`).
+      per_layer: stacked over layers (a field of `LayerParams`).
       norm: a norm weight (Gemma's GGUF stores 1 + w).
     """
 
     field: str
-    hf: str
-    gguf: str
+    hf: tuple[str, ...]
+    gguf: tuple[str, ...]
+    combine: str | None = None
     per_layer: bool = True
-    rope_permuted: str | None = None
     norm: bool = False
 
 
@@ -38,50 +39,103 @@ def tensor_entries(cfg: ModelConfig) -> list[TensorEntry]:
     """The tensors a model of `cfg` consists of, in load order."""
     e = TensorEntry
     hl, gl = "model.layers.{i}.", "blk.{i}."
+
+    def attn(names: tuple[str, ...], kind: str) -> tuple[str, ...]:
+        return tuple(f"{hl}self_attn.{n}_proj.{kind}" for n in names)
+
+    def gattn(names: tuple[str, ...], kind: str) -> tuple[str, ...]:
+        return tuple(f"{gl}attn_{n}.{kind}" for n in names)
+
     entries = [
-        e("embed", "model.embed_tokens.weight", "token_embd.weight", per_layer=False),
-        e("layers.attn_norm", hl + "input_layernorm.weight", gl + "attn_norm.weight", norm=True),
-        e("layers.wq", hl + "self_attn.q_proj.weight", gl + "attn_q.weight", rope_permuted="q"),
-        e("layers.wk", hl + "self_attn.k_proj.weight", gl + "attn_k.weight", rope_permuted="k"),
-        e("layers.wv", hl + "self_attn.v_proj.weight", gl + "attn_v.weight"),
-        e("layers.wo", hl + "self_attn.o_proj.weight", gl + "attn_output.weight"),
+        e("embed", ("model.embed_tokens.weight",), ("token_embd.weight",), per_layer=False),
+        e("layers.attn_norm", (hl + "input_layernorm.weight",), (gl + "attn_norm.weight",),
+          norm=True),
+        e("layers.wqkv", attn(("q", "k", "v"), "weight"), gattn(("q", "k", "v"), "weight"),
+          combine="qkv"),
+        e("layers.wo", (hl + "self_attn.o_proj.weight",), (gl + "attn_output.weight",)),
     ]
     if cfg.qkv_bias:
-        entries += [
-            e("layers.bq", hl + "self_attn.q_proj.bias", gl + "attn_q.bias", rope_permuted="q"),
-            e("layers.bk", hl + "self_attn.k_proj.bias", gl + "attn_k.bias", rope_permuted="k"),
-            e("layers.bv", hl + "self_attn.v_proj.bias", gl + "attn_v.bias"),
-        ]
+        entries.append(e("layers.bqkv", attn(("q", "k", "v"), "bias"),
+                         gattn(("q", "k", "v"), "bias"), combine="qkv"))
     if cfg.o_bias:
-        entries.append(e("layers.bo", hl + "self_attn.o_proj.bias", gl + "attn_output.bias"))
+        entries.append(e("layers.bo", (hl + "self_attn.o_proj.bias",),
+                         (gl + "attn_output.bias",)))
     if cfg.qk_norm:
         entries += [
-            e("layers.q_norm", hl + "self_attn.q_norm.weight", gl + "attn_q_norm.weight",
+            e("layers.q_norm", (hl + "self_attn.q_norm.weight",), (gl + "attn_q_norm.weight",),
               norm=True),
-            e("layers.k_norm", hl + "self_attn.k_norm.weight", gl + "attn_k_norm.weight",
+            e("layers.k_norm", (hl + "self_attn.k_norm.weight",), (gl + "attn_k_norm.weight",),
               norm=True),
         ]
     if cfg.sandwich_norms:
         entries += [
-            e("layers.post_attn_norm", hl + "post_attention_layernorm.weight",
-              gl + "post_attention_norm.weight", norm=True),
-            e("layers.mlp_norm", hl + "pre_feedforward_layernorm.weight",
-              gl + "ffn_norm.weight", norm=True),
-            e("layers.post_mlp_norm", hl + "post_feedforward_layernorm.weight",
-              gl + "post_ffw_norm.weight", norm=True),
+            e("layers.post_attn_norm", (hl + "post_attention_layernorm.weight",),
+              (gl + "post_attention_norm.weight",), norm=True),
+            e("layers.mlp_norm", (hl + "pre_feedforward_layernorm.weight",),
+              (gl + "ffn_norm.weight",), norm=True),
+            e("layers.post_mlp_norm", (hl + "post_feedforward_layernorm.weight",),
+              (gl + "post_ffw_norm.weight",), norm=True),
         ]
     else:
-        entries.append(e("layers.mlp_norm", hl + "post_attention_layernorm.weight",
-                         gl + "ffn_norm.weight", norm=True))
+        entries.append(e("layers.mlp_norm", (hl + "post_attention_layernorm.weight",),
+                         (gl + "ffn_norm.weight",), norm=True))
     entries += [
-        e("layers.w_gate", hl + "mlp.gate_proj.weight", gl + "ffn_gate.weight"),
-        e("layers.w_up", hl + "mlp.up_proj.weight", gl + "ffn_up.weight"),
-        e("layers.w_down", hl + "mlp.down_proj.weight", gl + "ffn_down.weight"),
-        e("final_norm", "model.norm.weight", "output_norm.weight", per_layer=False, norm=True),
+        e("layers.w_gate_up", (hl + "mlp.gate_proj.weight", hl + "mlp.up_proj.weight"),
+          (gl + "ffn_gate.weight", gl + "ffn_up.weight"), combine="gate_up"),
+        e("layers.w_down", (hl + "mlp.down_proj.weight",), (gl + "ffn_down.weight",)),
+        e("final_norm", ("model.norm.weight",), ("output_norm.weight",), per_layer=False,
+          norm=True),
     ]
     if not cfg.tie_word_embeddings:
-        entries.append(e("lm_head", "lm_head.weight", "output.weight", per_layer=False))
+        entries.append(e("lm_head", ("lm_head.weight",), ("output.weight",), per_layer=False))
     return entries
+
+
+def part_shapes(entry: TensorEntry, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Checkpoint shape of each part of `entry` (one layer's slice for per-layer fields)."""
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+    name = entry.field.split(".")[-1]
+    shapes: dict[str, list[tuple[int, ...]]] = {
+        "embed": [(V, D)], "lm_head": [(V, D)], "final_norm": [(D,)],
+        "wqkv": [(H * E, D), (K * E, D), (K * E, D)], "bqkv": [(H * E,), (K * E,), (K * E,)],
+        "wo": [(D, H * E)], "bo": [(D,)], "q_norm": [(E,)], "k_norm": [(E,)],
+        "w_gate_up": [(F, D), (F, D)], "w_down": [(D, F)],
+    }
+    return shapes.get(name, [(D,)])  # the remaining fields are [D] norms
+
+
+def combine_parts(entry: TensorEntry, parts: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+    """Join checkpoint parts into our layout (see `jaxinfer.model.params`)."""
+    if entry.combine is None:
+        return parts[0]
+    if entry.combine == "qkv":
+        K, G, E = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+        q, k, v = parts
+        rest = q.shape[1:]
+        grouped = np.concatenate([q.reshape(K, G * E, *rest), k.reshape(K, E, *rest),
+                                  v.reshape(K, E, *rest)], axis=1)
+        return grouped.reshape(K * (G + 2) * E, *rest)
+    if entry.combine == "gate_up":
+        gate, up = parts
+        return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
+    raise ValueError(f"unknown combine rule {entry.combine!r}")
+
+
+def split_parts(entry: TensorEntry, value: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
+    """Inverse of `combine_parts`: our layout back to the checkpoint parts (for exporters)."""
+    if entry.combine is None:
+        return [value]
+    if entry.combine == "qkv":
+        K, G, E = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+        rest = value.shape[1:]
+        grouped = value.reshape(K, G + 2, E, *rest)
+        return [grouped[:, :G].reshape(K * G * E, *rest), grouped[:, G].reshape(K * E, *rest),
+                grouped[:, G + 1].reshape(K * E, *rest)]
+    if entry.combine == "gate_up":
+        pairs = value.reshape(-1, 2, *value.shape[1:])
+        return [pairs[:, 0], pairs[:, 1]]
+    raise ValueError(f"unknown combine rule {entry.combine!r}")
 
 
 # Tensors a checkpoint may carry that the model does not need (rotary caches etc.).
@@ -92,19 +146,26 @@ GGUF_IGNORED = ("rope_freqs.weight",)
 GGUF_PERMUTED_ARCHS = ("llama", "mistral")
 
 
+def rope_permuted_heads(name: str, cfg: ModelConfig) -> int | None:
+    """Heads of a GGUF q/k tensor llama.cpp permuted (None for every other tensor)."""
+    if ".attn_q." in name:
+        return cfg.num_heads
+    if ".attn_k." in name:
+        return cfg.num_kv_heads
+    return None
+
+
 def undo_rope_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Invert llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves).
 
     llama.cpp stores the rows of each head in order (0, E/2, 1, E/2+1, ...); Hugging Face
     expects the two halves contiguous. Works for weights [N*E, D] and biases [N*E].
     """
-    rows = w.shape[0]
-    half = rows // num_heads // 2
+    half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def apply_rope_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's permutation (the inverse of `undo_rope_permutation`), for exporters."""
-    rows = w.shape[0]
-    half = rows // num_heads // 2
+    half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

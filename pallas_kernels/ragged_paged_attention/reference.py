@@ -5,6 +5,10 @@ tokens of S sequences back to back (`query_start` [S+1] offsets); sequence s has
 tokens in the cache (its new tokens included, written before attention) on the pages
 `page_table[s]`. Token i of sequence s sits at position kv_lens[s] - q_len[s] + i, which gives
 the causal and sliding-window masks. Queries of a KV head's group are contiguous heads (GQA).
+
+Decode batches (max_query_len == 1 and T == S) must place sequence s's token at index s, as
+`jaxinfer.batch.build_step_batch` does; they take a path without the query gather and the
+output scatter, which XLA:CPU otherwise fuses into the next matmul at a 3x cost.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ def ragged_paged_attention_reference(
     kv_lens = kv_lens.astype(jnp.int32)
     query_start = query_start.astype(jnp.int32)
 
+    if Qm == 1 and T == S:
+        return _decode_attention(q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
+
     q_len = query_start[1:] - query_start[:-1]  # [S]
     offs = jnp.arange(Qm, dtype=jnp.int32)
     q_valid = offs[None, :] < q_len[:, None]  # [S, Qm]
@@ -71,14 +79,92 @@ def ragged_paged_attention_reference(
         mask &= (q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window
     mask &= q_valid[:, :, None]  # [S, Qm, N]
 
-    scores = jnp.einsum("sqkge,snke->skgqn", qs, k, preferred_element_type=jnp.float32)
+    # Einsum outputs follow the dots' natural layout (batch, lhs free, rhs free): XLA:CPU
+    # otherwise transposes the [.., Qm, N] score tensors, which cost more than the dots.
+    scores = jnp.einsum("sqkge,snke->skqgn", qs, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores, mask[:, None, :, None, :], sm_scale, soft_cap)
+    out = jnp.einsum("skqgn,snke->skqge", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(S * Qm, H, E).astype(q.dtype)
+    return jnp.zeros((T, H, E), q.dtype).at[q_index.reshape(-1)].set(out, mode="drop")
+
+
+def causal_prefill_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    query_start: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | jax.Array | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Causal attention of a prefix-free ragged batch over its own keys and values.
+
+    Every sequence starts at position 0 in this step, so no page needs reading: tokens attend
+    to earlier tokens of the same sequence in the flat stream (block-diagonal causal mask).
+
+    Args:
+      q: [T, H, E]; k, v: [T, K, E]; positions: [T]; query_start: [S+1] as above.
+
+    Returns:
+      [T, H, E]; rows of padding tokens are zero.
+    """
+    T, H, E = q.shape
+    K = k.shape[1]
+    G = H // K
+    index = jnp.arange(T, dtype=jnp.int32)
+    # Sequence of each token: the last s with query_start[s] <= t (padding: past the end).
+    seq = jnp.sum(index[:, None] >= query_start[None, 1:].astype(jnp.int32), axis=1)
+    valid = index < query_start[-1]
+    mask = (seq[:, None] == seq[None, :]) & (positions[None, :] <= positions[:, None])
+    mask &= valid[:, None] & valid[None, :]
+    if sliding_window is not None:
+        mask &= (positions[:, None] - positions[None, :]) < sliding_window
+    qs = q.reshape(T, K, G, E)
+    scores = jnp.einsum("tkge,ske->ktgs", qs, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores, mask[None, :, None, :], sm_scale, soft_cap)
+    out = jnp.einsum("ktgs,ske->ktge", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.transpose(1, 0, 2, 3).reshape(T, H, E).astype(q.dtype)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, sm_scale: float,
+                    soft_cap: float | None) -> jax.Array:
+    """Scaled, optionally soft-capped softmax; fully masked rows give all-zero weights."""
     scores = scores * sm_scale
     if soft_cap is not None:
         scores = jnp.tanh(scores / soft_cap) * soft_cap
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no valid key -> 0
-    out = jnp.einsum("skgqn,snke->sqkge", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(S * Qm, H, E).astype(q.dtype)
-    return jnp.zeros((T, H, E), q.dtype).at[q_index.reshape(-1)].set(out, mode="drop")
+    scores = jnp.where(mask, scores, _MASKED)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
+def _decode_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+    page_table: jax.Array, *, sm_scale: float, sliding_window: int | jax.Array | None,
+    soft_cap: float | None,
+) -> jax.Array:
+    """One query per sequence, token s of sequence s: q [S, H, E] -> [S, H, E].
+
+    The two contractions are written as broadcast-multiply-and-sum: XLA fuses them into
+    loops over the gathered pages, where a dot would be a separate library call; on CPU such
+    a small dot made the next matmul 4x slower (docs/architecture.md).
+    """
+    S, H, E = q.shape
+    _, C, K, _ = k_pages.shape
+    P = page_table.shape[1]
+    G = H // K
+    qs = q.reshape(S, 1, K, G, E).astype(jnp.float32)
+    k = k_pages[page_table].reshape(S, P * C, K, 1, E)
+    v = v_pages[page_table].reshape(S, P * C, K, 1, E)
+    k_pos = jnp.arange(P * C, dtype=jnp.int32)[None, :]
+    mask = k_pos < kv_lens[:, None]  # the query sits at kv_len - 1: causal by construction
+    if sliding_window is not None:
+        mask &= (kv_lens[:, None] - 1 - k_pos) < sliding_window
+    scores = jnp.sum(qs * k.astype(jnp.float32), axis=-1)  # [S, N, K, G]
+    scores = jnp.moveaxis(scores, 1, -1)  # [S, K, G, N]
+    probs = _masked_softmax(scores, mask[:, None, None, :], sm_scale, soft_cap)
+    probs = jnp.moveaxis(probs, -1, 1)[..., None]  # [S, N, K, G, 1]
+    out = jnp.sum(probs * v.astype(jnp.float32), axis=1)  # [S, K, G, E]
+    return out.reshape(S, H, E).astype(q.dtype)

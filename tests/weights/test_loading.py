@@ -61,8 +61,8 @@ def test_bfloat16_load(tiny_hf_model):
     params = load_params(folder, cfg, progress=False)
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
     ref = load_params(folder, load_config(folder), progress=False)
-    expected = np.asarray(ref.layers.wq).astype(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(np.asarray(params.layers.wq), expected)
+    expected = np.asarray(ref.layers.wqkv).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(params.layers.wqkv), expected)
 
 
 # ----------------------------------------------------------------------------- bad files
