@@ -17,7 +17,8 @@ from jaxinfer.errors import ConfigError
 
 Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 LayerType = Literal["full", "sliding"]
-AttentionImpl = Literal["xla", "pallas_gpu", "pallas_tpu"]
+AttentionImpl = Literal["xla", "cpu", "pallas_gpu", "pallas_tpu"]
+ATTENTION_IMPLS = ("xla", "cpu", "pallas_gpu", "pallas_tpu")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -51,7 +52,7 @@ class RopeConfig:
         return inv
 
     def _scaled_inv_freq(self, head_dim: int, max_position_embeddings: int) -> np.ndarray:
-        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
         pos_freqs = np.power(np.float32(self.theta), exponent, dtype=np.float32)
         inv = (np.float32(1.0) / pos_freqs).astype(np.float32)
         if self.rope_type == "default":
@@ -212,11 +213,9 @@ class ModelConfig:
                 )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
-        if self.attention_impl not in ("xla", "pallas_gpu", "pallas_tpu"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
-                f"unknown attention_impl {self.attention_impl!r}; "
-                "use 'xla', 'pallas_gpu' or 'pallas_tpu'"
-            )
+                f"unknown attention_impl {self.attention_impl!r}; use one of {ATTENTION_IMPLS}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (e.g. `cfg.replace(dtype="bfloat16")`)."""
@@ -461,5 +460,6 @@ def hf_config_from_gguf_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
         # llama.cpp's Gemma 3 conventions: every 6th layer global, local RoPE base 10k,
         # query scaled by head_dim**-0.5 (query_pre_attn_scalar == head_dim).
         config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6,
-                      query_pre_attn_scalar=config["head_dim"], hidden_activation="gelu_pytorch_tanh")
+                      query_pre_attn_scalar=config["head_dim"],
+                      hidden_activation="gelu_pytorch_tanh")
     return config

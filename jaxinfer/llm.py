@@ -114,10 +114,21 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
     ):
+        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len),
+                            ("kv_cache_tokens", kv_cache_tokens)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise InputError(f"invalid LLM option {name}={value!r}: must be an integer >= 1"
+                                 + (" (or None for the default)"
+                                    if name in ("max_model_len", "kv_cache_tokens") else ""))
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings)
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise InputError(
+                f"max_model_len={max_model_len} exceeds the model's context of "
+                f"{cfg.max_position_embeddings} tokens")
+        self.max_model_len = int(max_model_len or cfg.max_position_embeddings)
         if kv_cache_tokens is None:
             kv_cache_tokens = max(self.max_model_len, (1 << 30) // kv_bytes_per_token(cfg))
         self.page_size = page_size
@@ -156,7 +167,8 @@ class LLM:
           CapacityError: a request can never fit in the KV cache.
         """
         if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+            isinstance(prompts, Sequence) and prompts
+            and isinstance(prompts[0], (int, np.integer))
         ):
             prompts = [prompts]  # type: ignore[list-item]
         encoded = []

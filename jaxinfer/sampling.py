@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import secrets
 from collections.abc import Sequence
 
@@ -45,6 +46,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        # numpy scalars (np.int64(5), np.float32(0.5)) are numbers too: store plain Python.
+        for name, kind in (("temperature", float), ("top_p", float), ("min_p", float),
+                           ("top_k", int), ("max_tokens", int), ("seed", int)):
+            value = getattr(self, name)
+            if _is_number(value, integral=kind is int):
+                object.__setattr__(self, name, kind(value))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -76,8 +83,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def _is_number(x: object, integral: bool = False) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    return isinstance(x, numbers.Integral if integral else numbers.Real)
+
+
 def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return _is_number(x) and math.isfinite(float(x))  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)

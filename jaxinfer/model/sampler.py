@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -35,24 +37,43 @@ def sample(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
         return greedy
-    V = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    # Sort once, descending; every filter is a prefix of this order.
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(V, dtype=jnp.int32)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-    keep &= before < top_p[:, None]
-    keep &= probs >= min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)  # the most likely token always survives
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    # Non-negative float32 values order like their int32 bit patterns, so each filter's cut
+    # is found exactly by a 32-step binary search over bit patterns: no sort of the vocab
+    # (a full sort cost 25-40 ms per row on CPU).
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    p_max = jnp.max(probs, axis=-1, keepdims=True)
+    keep = probs >= min_p[:, None] * p_max
+    k_cut = _largest_cut(bits, lambda m: jnp.sum(m, axis=-1) >= top_k)
+    keep &= (top_k[:, None] <= 0) | (bits >= k_cut[:, None])
+    p_cut = _largest_cut(bits, lambda m: jnp.sum(jnp.where(m, probs, 0.0), axis=-1) >= top_p)
+    keep &= bits >= p_cut[:, None]
+    keep |= probs >= p_max  # the most likely token always survives
+    masked = jnp.where(keep, scaled, -jnp.inf)
 
     def draw(row_logits: jax.Array, row_seed: jax.Array, row_step: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.PRNGKey(row_seed), row_step)
         return jax.random.categorical(key, row_logits)
 
-    choice = jax.vmap(draw)(masked, seed, step)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    sampled = jax.vmap(draw)(masked, seed, step).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _largest_cut(bits: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Per row, the largest t with enough(bits >= t) true (enough is monotone, true at 0).
+
+    Keeping `bits >= t` then keeps the smallest set of most likely tokens that satisfies the
+    filter (tokens tied at the cut are all kept).
+    """
+    lo = jnp.zeros(bits.shape[:1], jnp.int32)
+    hi = jnp.max(bits, axis=-1) + 1
+
+    def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = enough(bits >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo

@@ -85,7 +85,7 @@ def _layer(
         window = None
         if cfg.has_sliding_layers:
             window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
-        o = attention(cfg, q, k, v, k_cache[layer], v_cache[layer], batch, window)
+        o = attention(cfg, q, k, v, k_cache, v_cache, layer, batch, window)
         o = linear(o.reshape(o.shape[0], -1), lp.wo)
         if lp.bo is not None:
             o = o + lp.bo[None]

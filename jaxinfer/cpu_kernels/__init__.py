@@ -1,0 +1,118 @@
+"""Native CPU kernels called through `jax.ffi`, built on first use with the system compiler.
+
+XLA:CPU runs decode attention over a paged cache poorly: it must gather the pages into a
+padded copy, then the small batched dots run at a few GFLOP/s (docs/architecture.md). The
+kernels here read the cache in place. They are optional: without a C++ compiler the model
+uses the pure-jnp reference path, with a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("paged_attention.cc",)
+_TARGET = "jaxinfer_paged_decode_attention"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jaxinfer" / "cpu_kernels"
+
+
+def _build() -> Path:
+    """Compile the kernels (once per source, compiler flags, jaxlib version and CPU)."""
+    here = Path(__file__).parent
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+             f"-I{include}"]
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(jax.__version__.encode())
+    digest.update(_cpu_signature().encode())
+    out = _cache_dir() / digest.hexdigest()[:16] / "libjaxinfer_cpu.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [compiler, *flags, *(str(here / n) for n in _SOURCES), "-o", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling CPU kernels failed:\n{result.stderr[-2000:]}")
+    tmp.replace(out)  # atomic: concurrent builders never load a half-written file
+    return out
+
+
+def available() -> bool:
+    """Whether the native kernels are built and registered (builds them on first call)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                library = ctypes.cdll.LoadLibrary(str(_build()))
+                jax.ffi.register_ffi_target(
+                    _TARGET, jax.ffi.pycapsule(library.PagedDecodeAttention), platform="cpu")
+                _state["library"] = library
+                _state["ok"] = True
+            except Exception as e:  # no compiler, no headers, unsupported platform
+                log.warning("native CPU kernels unavailable, using the XLA reference: %s", e)
+                _state["ok"] = False
+        return bool(_state["ok"])
+
+
+def paged_decode_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
+    page_table: jax.Array, layer: jax.Array | int, window: jax.Array | int | None, *,
+    sm_scale: float, soft_cap: float | None = None,
+) -> jax.Array:
+    """Decode attention, token s of sequence s, read in place from the stacked cache.
+
+    Args:
+      q: [S, H, E] float32 queries.
+      k_cache, v_cache: [L, NP, C, K, E] float32, the whole stacked cache.
+      kv_lens: [S] tokens in cache per sequence (the query sits at kv_len - 1; 0: padding).
+      page_table: [S, P] page ids.
+      layer: which layer's pages to read.
+      window: sliding window (keys at distance >= window are masked); None or <= 0: none.
+      sm_scale, soft_cap: softmax scale and optional tanh soft cap.
+
+    Returns:
+      [S, H, E] float32; zero rows for padding sequences.
+    """
+    if not available():
+        raise RuntimeError(
+            "attention_impl='cpu' needs the native CPU kernels, which failed to build (see the "
+            "warning above); use attention_impl='xla'")
+    window = 0 if window is None else window
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, kv_lens.astype(jnp.int32), page_table.astype(jnp.int32),
+                jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32),
+                sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
