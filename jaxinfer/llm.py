@@ -271,6 +271,14 @@ class LLM:
             for r in requests
         ]
 
+    def _pages_needed(self, r: _Request) -> int:
+        return -(-(len(r.prompt_ids) + r.max_new) // self.page_size)
+
+    def _admissible(self, r: _Request, running: list[_Request]) -> bool:
+        """A request is admitted when a sequence slot and all its pages are free."""
+        return (len(running) < self.max_num_seqs
+                and self._pages_needed(r) <= len(self._free_pages))
+
     def _release(self, r: _Request) -> None:
         self._free_pages.extend(r.pages)
         r.pages = []
@@ -285,19 +293,20 @@ class LLM:
                 for r in [r for r in running if r.finish_reason]:
                     running.remove(r)
                     self._release(r)
-            while waiting and len(running) < self.max_num_seqs:
-                r = waiting[0]
-                need = -(-(len(r.prompt_ids) + r.max_new) // self.page_size)
-                if need > len(self._free_pages):
-                    break
-                r.pages = [self._free_pages.pop() for _ in range(need)]
-                running.append(waiting.popleft())
+            while waiting and self._admissible(waiting[0], running):
+                r = waiting.popleft()
+                r.pages = [self._free_pages.pop() for _ in range(self._pages_needed(r))]
+                running.append(r)
             active = [r for r in running if not r.finish_reason]
             prefill = [r for r in active if r.num_scheduled < len(r.prompt_ids)]
             if pending is not None:
                 reqs = pending[1]
-                can_pipeline = (not prefill and reqs == active and not waiting
-                                and all(len(r.generated) + 1 < r.max_new for r in reqs))
+                # Keep dispatching ahead while the batch cannot change: nobody to admit, no
+                # prompt to prefill, and every request needs at least one more token.
+                can_pipeline = (
+                    not prefill and reqs == active
+                    and not (waiting and self._admissible(waiting[0], running))
+                    and all(len(r.generated) + 1 < r.max_new for r in reqs))
                 if not can_pipeline:
                     self._accept_all(pending, on_text)
                     pending = None
