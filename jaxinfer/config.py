@@ -19,6 +19,8 @@ Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 LayerType = Literal["full", "sliding"]
 AttentionImpl = Literal["xla", "cpu", "pallas_gpu", "pallas_tpu"]
 ATTENTION_IMPLS = ("xla", "cpu", "pallas_gpu", "pallas_tpu")
+MatmulImpl = Literal["xla", "cpu"]
+MATMUL_IMPLS = ("xla", "cpu")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -148,6 +150,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     attention_impl: AttentionImpl = "xla"
+    # "cpu": native small-batch matmuls on XLA:CPU (jaxinfer.cpu_kernels); "xla": jnp dots.
+    matmul_impl: MatmulImpl = "xla"
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -213,6 +217,9 @@ class ModelConfig:
                 )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ConfigError(
+                f"unknown matmul_impl {self.matmul_impl!r}; use one of {MATMUL_IMPLS}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"unknown attention_impl {self.attention_impl!r}; use one of {ATTENTION_IMPLS}")

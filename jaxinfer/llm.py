@@ -413,8 +413,7 @@ def load(
       **llm_options: `LLM` options (max_model_len, page_size, kv_cache_tokens, ...), and
         `attention_impl`.
     """
-    overrides = {}
-    if "attention_impl" in llm_options:
-        overrides["attention_impl"] = llm_options.pop("attention_impl")
+    overrides = {k: llm_options.pop(k) for k in ("attention_impl", "matmul_impl")
+                 if k in llm_options}
     loaded = load_model(model, dtype=dtype, progress=progress, **overrides)
     return LLM(loaded.params, loaded.cfg, loaded.tokenizer, **llm_options)

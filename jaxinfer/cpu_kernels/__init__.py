@@ -1,9 +1,10 @@
 """Native CPU kernels called through `jax.ffi`, built on first use with the system compiler.
 
-XLA:CPU runs decode attention over a paged cache poorly: it must gather the pages into a
-padded copy, then the small batched dots run at a few GFLOP/s (docs/architecture.md). The
-kernels here read the cache in place. They are optional: without a C++ compiler the model
-uses the pure-jnp reference path, with a warning.
+XLA:CPU runs decode attention over a paged cache poorly (it gathers a padded copy of the
+pages, then its small batched dots run at a few GFLOP/s) and streams weights at half speed
+for 2-8 token rows (docs/architecture.md). The kernels here read the cache and the stacked
+weights in place. They are optional: without a C++ compiler the model uses the XLA path,
+with a warning.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cc",)
+_SOURCES = ("paged_attention.cc", "linear.cc")
 _TARGET = "jaxinfer_paged_decode_attention"
+_LINEAR = "jaxinfer_linear"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -80,6 +82,8 @@ def available() -> bool:
                 library = ctypes.cdll.LoadLibrary(str(_build()))
                 jax.ffi.register_ffi_target(
                     _TARGET, jax.ffi.pycapsule(library.PagedDecodeAttention), platform="cpu")
+                jax.ffi.register_ffi_target(
+                    _LINEAR, jax.ffi.pycapsule(library.Linear), platform="cpu")
                 _state["library"] = library
                 _state["ok"] = True
             except Exception as e:  # no compiler, no headers, unsupported platform
@@ -116,3 +120,17 @@ def paged_decode_attention(
     return call(q, k_cache, v_cache, kv_lens.astype(jnp.int32), page_table.astype(jnp.int32),
                 jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32),
                 sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def linear(x: jax.Array, w_stacked: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """x [T, D] times layer `layer` of stacked weights [L, N, D] -> [T, N], float32.
+
+    Reads the layer's weights in place (no slice copy); meant for small T (decode).
+    """
+    if not available():
+        raise RuntimeError(
+            "matmul_impl='cpu' needs the native CPU kernels, which failed to build (see the "
+            "warning above); use matmul_impl='xla'")
+    call = jax.ffi.ffi_call(_LINEAR, jax.ShapeDtypeStruct((x.shape[0], w_stacked.shape[1]),
+                                                          jnp.float32))
+    return call(x, w_stacked, jnp.asarray(layer, jnp.int32))

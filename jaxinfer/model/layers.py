@@ -1,4 +1,4 @@
-"""Small pure building blocks: RMSNorm, rotary embeddings, gated MLP."""
+"""Small pure building blocks: RMSNorm, rotary embeddings, dense layers, activations."""
 
 from __future__ import annotations
 
@@ -63,9 +63,3 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
     raise ValueError(f"unknown activation {name!r}")
-
-
-def gated_mlp(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
-    """down(act(gate(x)) * up(x)) for x [T, D]; w_gate_up [2F, D] has gate/up interleaved."""
-    gate_up = linear(x, w_gate_up).reshape(x.shape[0], -1, 2)  # [T, F, 2]
-    return linear(activation(act, gate_up[..., 0]) * gate_up[..., 1], w_down)

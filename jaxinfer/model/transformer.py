@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import cpu_kernels
 from jaxinfer.batch import StepBatch
 from jaxinfer.cache.paged import KVCache
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import attention
-from jaxinfer.model.layers import apply_rope, gated_mlp, linear, rms_norm, rope_tables
+from jaxinfer.model.layers import activation, apply_rope, linear, rms_norm, rope_tables
 from jaxinfer.model.params import LayerParams, Params
 
 _NO_WINDOW = np.int32(2**30)
@@ -50,18 +51,36 @@ class Batch:
         )
 
 
+# Row counts up to which the native CPU matmul beats XLA:CPU's dot (docs/architecture.md).
+_NATIVE_MATMUL_MAX_ROWS = 16
+
+
+def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    """x [T, in] times layer `layer` of stacked weights [L, out, in] -> [T, out]."""
+    if (cfg.matmul_impl == "cpu" and x.shape[0] <= _NATIVE_MATMUL_MAX_ROWS
+            and x.dtype == jnp.float32 and w_stacked.dtype == jnp.float32):
+        return cpu_kernels.linear(x, w_stacked, layer)
+    return linear(x, w_stacked[layer])
+
+
 def _layer(
-    cfg: ModelConfig, batch: Batch, rope: tuple[jax.Array, ...], carry: tuple, xs: tuple
+    cfg: ModelConfig, batch: Batch, rope: tuple[jax.Array, ...], layers: LayerParams,
+    carry: tuple, xs: tuple,
 ) -> tuple[tuple, None]:
     x, k_cache, v_cache = carry
-    lp, layer, is_sliding = xs
-    lp: LayerParams
+    layer, is_sliding = xs
+    # The stacked weights are indexed here rather than sliced by the scan, so that a native
+    # matmul can read its layer in place (see `dense`); XLA fuses the slice either way.
+    lp: LayerParams = jax.tree.map(lambda a: a[layer], layers)
     eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+
+    def proj(x: jax.Array, name: str) -> jax.Array:
+        return dense(cfg, x, getattr(layers, name), layer)
 
     with jax.named_scope("attention"):
         h = rms_norm(x, lp.attn_norm, eps, offset)
         T, K, G, E = x.shape[0], cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
-        qkv = linear(h, lp.wqkv)
+        qkv = proj(h, "wqkv")
         if lp.bqkv is not None:
             qkv = qkv + lp.bqkv[None]
         qkv = qkv.reshape(T, K, G + 2, E)  # per KV head: G query heads, key, value
@@ -86,7 +105,7 @@ def _layer(
         if cfg.has_sliding_layers:
             window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
         o = attention(cfg, q, k, v, k_cache, v_cache, layer, batch, window)
-        o = linear(o.reshape(o.shape[0], -1), lp.wo)
+        o = proj(o.reshape(o.shape[0], -1), "wo")
         if lp.bo is not None:
             o = o + lp.bo[None]
         if cfg.sandwich_norms:
@@ -95,7 +114,8 @@ def _layer(
 
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, eps, offset)
-        m = gated_mlp(h, lp.w_gate_up, lp.w_down, cfg.hidden_act)
+        gate_up = proj(h, "w_gate_up").reshape(h.shape[0], -1, 2)  # [T, F, 2] interleaved
+        m = proj(activation(cfg.hidden_act, gate_up[..., 0]) * gate_up[..., 1], "w_down")
         if cfg.sandwich_norms:
             m = rms_norm(m, lp.post_mlp_norm, eps, offset)
         x = x + m
@@ -113,11 +133,10 @@ def hidden_states(
     rope = rope_tables(cfg.rope, cfg, batch.positions)
     if cfg.local_rope is not None and cfg.has_sliding_layers:
         rope = rope + rope_tables(cfg.local_rope, cfg, batch.positions)
-    xs = (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32),
-          jnp.asarray(cfg.sliding_layer_mask))
+    xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(cfg.sliding_layer_mask))
 
     def body(carry: tuple, layer_xs: tuple) -> tuple[tuple, None]:
-        return _layer(cfg, batch, rope, carry, layer_xs)
+        return _layer(cfg, batch, rope, params.layers, carry, layer_xs)
 
     (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
@@ -127,7 +146,7 @@ def hidden_states(
 def compute_logits(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Float32 logits [N, V] for hidden states x [N, D]."""
     head = params.embed if params.lm_head is None else params.lm_head
-    logits = linear(x, head, preferred_element_type=jnp.float32)
+    logits = dense(cfg, x, head[None], jnp.int32(0)).astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
         cap = cfg.final_logit_softcap
         logits = jnp.tanh(logits / cap) * cap

@@ -271,10 +271,10 @@ def load_model(
       **overrides: `ModelConfig` fields to change (e.g. attention_impl).
     """
     path = resolve_model_path(model)
-    if "attention_impl" not in overrides:
-        from jaxinfer.model.attention import default_attention_impl
+    from jaxinfer.model.attention import default_attention_impl
 
-        overrides["attention_impl"] = default_attention_impl()
+    overrides.setdefault("attention_impl", default_attention_impl())
+    overrides.setdefault("matmul_impl", "cpu" if overrides["attention_impl"] == "cpu" else "xla")
     if is_gguf(path):
         gguf_file = GGUFFile(path)
         cfg = config_from_gguf(gguf_file, dtype=dtype, **overrides)

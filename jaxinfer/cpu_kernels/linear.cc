@@ -1,0 +1,138 @@
+// Small-batch dense layer for XLA:CPU, called through jax.ffi: y[T, N] = x[T, D] . W[l]^T.
+//
+// W is the whole stacked weight [L, N, D] (row-major, PyTorch layout) and `layer` selects
+// one slice, so no copy of the layer's weights is made (a dynamic slice passed to a custom
+// call would be materialized). Each thread streams its block of rows once and applies it
+// to all T tokens while the row is in L1: at T = 2..8 XLA:CPU's dot reads the weights at
+// ~7 GB/s, this loop at 13-16 GB/s; at T = 1 both are bandwidth-bound (measured in
+// docs/architecture.md).
+#include <algorithm>
+#include <cstdint>
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Rows of W are applied to up to kTokens tokens at once: each loaded chunk of the row feeds
+// one independent accumulator per token.
+constexpr int64_t kTokens = 4;
+
+#if defined(__AVX512F__)
+// One token: four accumulators and a software prefetch keep enough loads in flight.
+inline float RowDot(const float* __restrict w, const float* __restrict x, int64_t d_size) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 64 <= d_size; d += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + d + 1024), _MM_HINT_T0);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + d), _mm512_loadu_ps(x + d), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + d + 16), _mm512_loadu_ps(x + d + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + d + 32), _mm512_loadu_ps(x + d + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + d + 48), _mm512_loadu_ps(x + d + 48), a3);
+  }
+  for (; d + 16 <= d_size; d += 16) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + d), _mm512_loadu_ps(x + d), a0);
+  }
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; d < d_size; ++d) sum += w[d] * x[d];
+  return sum;
+}
+
+inline void RowTimesTokens(const float* __restrict w, const float* __restrict x, int64_t d_size,
+                           int64_t tokens, float* out, int64_t out_stride) {
+  if (tokens == 1) {
+    out[0] = RowDot(w, x, d_size);
+    return;
+  }
+  __m512 acc[kTokens];
+  for (int64_t t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= d_size; d += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + d);
+    for (int64_t t = 0; t < tokens; ++t)
+      acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * d_size + d), acc[t]);
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    float sum = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t e = d; e < d_size; ++e) sum += w[e] * x[t * d_size + e];
+    out[t * out_stride] = sum;
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+inline void RowTimesTokens(const float* __restrict w, const float* __restrict x, int64_t d_size,
+                           int64_t tokens, float* out, int64_t out_stride) {
+  __m256 acc[kTokens];
+  for (int64_t t = 0; t < kTokens; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= d_size; d += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + d);
+    for (int64_t t = 0; t < tokens; ++t)
+      acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * d_size + d), acc[t]);
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    float sum = Sum8(acc[t]);
+    for (int64_t e = d; e < d_size; ++e) sum += w[e] * x[t * d_size + e];
+    out[t * out_stride] = sum;
+  }
+}
+#else
+inline void RowTimesTokens(const float* __restrict w, const float* __restrict x, int64_t d_size,
+                           int64_t tokens, float* out, int64_t out_stride) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    float sum = 0.f;
+    for (int64_t e = 0; e < d_size; ++e) sum += w[e] * x[t * d_size + e];
+    out[t * out_stride] = sum;
+  }
+}
+#endif
+
+}  // namespace
+
+static ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x,      // [T, D]
+                             ffi::Buffer<ffi::F32> w,      // [L, N, D]
+                             ffi::Buffer<ffi::S32> layer,  // []
+                             ffi::ResultBuffer<ffi::F32> y) {  // [T, N]
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || xd[1] != wd[2]) {
+    return ffi::Error::InvalidArgument("linear: expected x [T, D] and w [L, N, D]");
+  }
+  const int64_t T = xd[0], D = xd[1], L = wd[0], N = wd[1];
+  const int32_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("linear: layer out of range");
+  const float* W = w.typed_data() + static_cast<int64_t>(l) * N * D;
+  const float* X = x.typed_data();
+  float* Y = y->typed_data();
+#pragma omp parallel
+  {
+    // Contiguous row blocks per thread: each thread streams one region of the matrix.
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t per = (N + threads - 1) / threads;
+    const int64_t lo = std::min<int64_t>(N, id * per), hi = std::min<int64_t>(N, lo + per);
+    for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
+      const int64_t tokens = std::min<int64_t>(kTokens, T - t0);
+      for (int64_t n = lo; n < hi; ++n) {
+        RowTimesTokens(W + n * D, X + t0 * D, D, tokens, Y + t0 * N + n, N);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Linear, LinearImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
