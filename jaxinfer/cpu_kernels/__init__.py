@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.cc", "linear.cc")
@@ -72,6 +74,15 @@ def _build() -> Path:
         raise RuntimeError(f"compiling CPU kernels failed:\n{result.stderr[-2000:]}")
     tmp.replace(out)  # atomic: concurrent builders never load a half-written file
     return out
+
+
+def require_cpu_backend(option: str) -> None:
+    """Refuse the native kernels when jax computes on another backend (GPU, TPU)."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        raise ConfigError(
+            f"{option}='cpu' selects native CPU kernels, but jax runs on {backend}; use "
+            f"{option}='xla' (jaxinfer.load picks the right one by default)")
 
 
 def available() -> bool:

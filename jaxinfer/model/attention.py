@@ -46,6 +46,7 @@ def attention(
     # The native kernel reads the pages in place (decode step, batch 32: 354 -> 272 ms; batch
     # 1 with native matmuls: 33.1 -> 30.8 ms; docs/architecture.md).
     if cfg.attention_impl == "cpu" and decode and q.dtype == jnp.float32:
+        cpu_kernels.require_cpu_backend("attention_impl")
         return cpu_kernels.paged_decode_attention(
             q, k_cache, v_cache, batch.kv_lens, batch.page_table, layer, sliding_window,
             sm_scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap)

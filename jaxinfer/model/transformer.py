@@ -59,6 +59,7 @@ def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array
     """x [T, in] times layer `layer` of stacked weights [L, out, in] -> [T, out]."""
     if (cfg.matmul_impl == "cpu" and x.shape[0] <= _NATIVE_MATMUL_MAX_ROWS
             and x.dtype == jnp.float32 and w_stacked.dtype == jnp.float32):
+        cpu_kernels.require_cpu_backend("matmul_impl")
         return cpu_kernels.linear(x, w_stacked, layer)
     return linear(x, w_stacked[layer])
 
