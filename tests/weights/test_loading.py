@@ -85,32 +85,31 @@ def test_corrupt_safetensors_header(tiny_hf_model, tmp_path):
         load_params(folder, load_config(folder), progress=False)
 
 
-def test_missing_tensor(tiny_hf_model, tmp_path):
-    folder = _copy(tiny_hf_model[0], tmp_path)
-    tensors = load_file(folder / "model.safetensors")
+def _drop_up_proj(tensors: dict) -> None:
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj"):
-        load_params(folder, load_config(folder), progress=False)
 
 
-def test_unexpected_tensor(tiny_hf_model, tmp_path):
-    folder = _copy(tiny_hf_model[0], tmp_path)
-    tensors = load_file(folder / "model.safetensors")
+def _add_layer_2(tensors: dict) -> None:
     tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.2"):
-        load_params(folder, load_config(folder), progress=False)
 
 
-def test_misshaped_tensor(tiny_hf_model, tmp_path):
+def _shrink_k_proj(tensors: dict) -> None:
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop_up_proj, r"missing tensors \['model.layers.1.mlp.up_proj"),
+    (_add_layer_2, r"unexpected tensors \['model.layers.2"),
+    (_shrink_k_proj, r"'model.layers.0.self_attn.k_proj.weight'.*shape \(8, 32\), "
+                     r"expected \(16, 32\)"),
+])
+def test_tensor_set_mismatch_is_named(tiny_hf_model, tmp_path, edit, message):
+    """A missing, an extra and a mis-shaped tensor: each named in the error."""
     folder = _copy(tiny_hf_model[0], tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    edit(tensors)
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError,
-                       match=r"'model.layers.0.self_attn.k_proj.weight'.*shape \(8, 32\), "
-                             r"expected \(16, 32\)"):
+    with pytest.raises(CheckpointError, match=message):
         load_params(folder, load_config(folder), progress=False)
 
 
