@@ -40,6 +40,10 @@ class SequenceChunk:
 class StepBatch:
     """Ragged description of one step. Dimension legend: T tokens, S sequences, P pages.
 
+    Layout: a decode section first (single-token chunks; token s belongs to sequence s for
+    s < num_decode), then a prefill section (multi-token chunks back to back), then padding.
+    Kernels treat the two sections separately, so a mixed step costs what its parts cost.
+
     Attributes:
       tokens: [T] token ids (padding 0).
       positions: [T] absolute positions (padding 0).
@@ -49,11 +53,14 @@ class StepBatch:
       kv_lens: [S] tokens in cache per sequence after this step (padding 0).
       page_table: [S, P] page ids (padding 0, never read unmasked).
       logits_indices: [S] flat index of each sequence's last new token.
+      copy_src, copy_dst: [N] pages to copy (all layers, k and v) before the step, for
+        copy-on-write of shared pages (padding: dst = number of pages, dropped).
       num_seqs: real sequences (<= S).
       num_tokens: real tokens (<= T).
-      max_query_len: static bucket >= every sequence's new-token count.
-      prefix_free: no sequence has tokens in the cache before this step (every chunk starts
-        at position 0), so attention needs only this step's keys and values.
+      num_decode: static size of the decode section (tokens and sequences; a bucket).
+      max_query_len: static bucket >= every prefill-section chunk (1 without one).
+      prefix_free: every prefill-section chunk starts at position 0, so its attention needs
+        only this step's keys and values.
     """
 
     tokens: np.ndarray
@@ -67,16 +74,20 @@ class StepBatch:
     num_tokens: int
     max_query_len: int
     prefix_free: bool = False
+    num_decode: int = 0
+    copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
-    def shape_key(self) -> tuple[int, int, int, int, bool]:
-        """(T, S, P, max_query_len, prefix_free): the compiled program this batch needs."""
+    def shape_key(self) -> tuple[int, ...]:
+        """Everything static about this batch: the compiled program it needs."""
         return (len(self.tokens), len(self.kv_lens), self.page_table.shape[1],
-                self.max_query_len, self.prefix_free)
+                self.max_query_len, int(self.prefix_free), self.num_decode, len(self.copy_src))
 
     @property
     def is_decode(self) -> bool:
-        return self.max_query_len == 1
+        """Only single-token chunks (the decode section is the whole batch)."""
+        return self.num_decode == len(self.tokens)
 
 
 def build_step_batch(
@@ -84,16 +95,22 @@ def build_step_batch(
     *,
     page_size: int,
     num_slots: int,
+    page_copies: Sequence[tuple[int, int]] = (),
     min_tokens: int = 1,
     min_seqs: int = 1,
     min_pages: int = 1,
 ) -> StepBatch:
     """Pack sequence chunks into a bucketed `StepBatch`.
 
+    Leading single-token chunks form the decode section; the rest the prefill section.
+    Callers put decodes first (the scheduler does); a single-token chunk after a longer one
+    simply joins the prefill section.
+
     Args:
       chunks: one entry per sequence in this step.
       page_size: tokens per cache page (C).
       num_slots: total slots in the cache pool; used as the "write nowhere" slot for padding.
+      page_copies: (src, dst) page pairs to copy before the step (copy-on-write).
       min_tokens, min_seqs, min_pages: lower bounds for the buckets (fewer distinct shapes).
 
     Raises:
@@ -101,26 +118,38 @@ def build_step_batch(
     """
     if not chunks:
         raise ValueError("a step needs at least one sequence")
+    for s, c in enumerate(chunks):
+        if len(c.token_ids) == 0:
+            raise ValueError(f"sequence chunk {s} has no tokens")
+    n_dec = 0
+    while n_dec < len(chunks) and len(chunks[n_dec].token_ids) == 1:
+        n_dec += 1
+    prefill = chunks[n_dec:]
     num_tokens = sum(len(c.token_ids) for c in chunks)
-    max_q = max(len(c.token_ids) for c in chunks)
+    if not prefill:  # decode only: T == S == D
+        D = bucket(n_dec, max(min_seqs, min_tokens))
+        T, S, Qm = D, D, 1
+    else:
+        D = bucket(n_dec) if n_dec else 0
+        T = bucket(D + num_tokens - n_dec, min_tokens)
+        S = D + bucket(len(prefill), min_seqs if not D else 1)
+        Qm = min(bucket(max(len(c.token_ids) for c in prefill)), T - D)
     max_pages = max(-(-(c.start + len(c.token_ids)) // page_size) for c in chunks)
-    T = bucket(num_tokens, min_tokens)
-    S = bucket(len(chunks), min_seqs)
     P = bucket(max_pages, min_pages)
-    Qm = min(bucket(max_q), T)
 
     tokens = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
     slots = np.full(T, num_slots, np.int32)
-    query_start = np.full(S + 1, num_tokens, np.int32)
+    query_start = np.zeros(S + 1, np.int32)
+    query_start[:D + 1] = np.arange(D + 1)
     kv_lens = np.zeros(S, np.int32)
     page_table = np.zeros((S, P), np.int32)
     logits_indices = np.zeros(S, np.int32)
-    offset = 0
+    offset = D
     for s, c in enumerate(chunks):
+        seq = s if s < n_dec else D + s - n_dec
         n = len(c.token_ids)
-        if n == 0:
-            raise ValueError(f"sequence chunk {s} has no tokens")
+        first = s if s < n_dec else offset
         end = c.start + n
         needed = -(-end // page_size)
         if len(c.pages) < needed:
@@ -128,16 +157,25 @@ def build_step_batch(
                 f"sequence chunk {s} needs {needed} pages for {end} tokens, has {len(c.pages)}")
         pages = np.asarray(c.pages[:needed], np.int32)
         pos = np.arange(c.start, end, dtype=np.int32)
-        tokens[offset:offset + n] = np.asarray(c.token_ids, np.int32)
-        positions[offset:offset + n] = pos
-        slots[offset:offset + n] = pages[pos // page_size] * page_size + pos % page_size
-        query_start[s] = offset
-        kv_lens[s] = end
-        page_table[s, :needed] = pages
-        logits_indices[s] = offset + n - 1
-        offset += n
+        tokens[first:first + n] = np.asarray(c.token_ids, np.int32)
+        positions[first:first + n] = pos
+        slots[first:first + n] = pages[pos // page_size] * page_size + pos % page_size
+        kv_lens[seq] = end
+        page_table[seq, :needed] = pages
+        logits_indices[seq] = first + n - 1
+        if s >= n_dec:
+            query_start[seq] = offset
+            offset += n
+    query_start[D + len(prefill):] = offset  # padding prefill sequences: no tokens
+    num_pages = num_slots // page_size
+    n_copies = len(page_copies)
+    copy_src = np.zeros(bucket(n_copies) if n_copies else 0, np.int32)
+    copy_dst = np.full(len(copy_src), num_pages, np.int32)
+    for i, (src, dst) in enumerate(page_copies):
+        copy_src[i], copy_dst[i] = src, dst
     return StepBatch(tokens=tokens, positions=positions, slot_mapping=slots,
                      query_start=query_start, kv_lens=kv_lens, page_table=page_table,
                      logits_indices=logits_indices, num_seqs=len(chunks),
                      num_tokens=num_tokens, max_query_len=Qm,
-                     prefix_free=Qm > 1 and all(c.start == 0 for c in chunks))
+                     prefix_free=bool(prefill) and Qm > 1 and all(c.start == 0 for c in prefill),
+                     num_decode=D, copy_src=copy_src, copy_dst=copy_dst)

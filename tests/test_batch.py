@@ -53,7 +53,8 @@ def test_mixed_prefill_and_decode_layout():
     assert b.page_table.shape == (4, 2)  # max pages needed: ceil(7/4) = 2
     assert b.max_query_len == 8  # bucket(5)
     assert not b.prefix_free and not b.is_decode
-    assert b.shape_key == (16, 4, 2, 8, False)
+    assert b.num_decode == 0  # the single-token chunk is not leading: prefill section
+    assert b.shape_key == (16, 4, 2, 8, 0, 0, 0)
 
     np.testing.assert_array_equal(b.tokens, [11, 12, 13, 14, 15, 21, 31, 32, 33] + [0] * 7)
     np.testing.assert_array_equal(b.positions, [0, 1, 2, 3, 4, 6, 2, 3, 4] + [0] * 7)
@@ -71,6 +72,44 @@ def test_mixed_prefill_and_decode_layout():
         assert a.dtype == np.int32
 
 
+def test_decode_section_then_prefill_section():
+    page_size = 4
+    chunks = [
+        SequenceChunk([21], 6, [3, 9]),                   # decode at position 6
+        SequenceChunk([22], 1, [4]),                      # decode at position 1
+        SequenceChunk([23], 2, [6]),                      # decode at position 2
+        SequenceChunk([11, 12, 13, 14, 15], 0, [7, 2]),   # prefill from 0
+        SequenceChunk([31, 32, 33], 2, [5, 0, 8]),        # later chunk at positions 2..4
+    ]
+    b = build_step_batch(chunks, page_size=page_size, num_slots=NUM_SLOTS)
+    assert b.num_decode == 4  # bucket(3): one padding decode slot
+    assert len(b.tokens) == 16  # bucket(4 + 8)
+    assert len(b.kv_lens) == 4 + 2
+    assert b.max_query_len == 8 and not b.prefix_free and not b.is_decode
+    np.testing.assert_array_equal(
+        b.tokens, [21, 22, 23, 0, 11, 12, 13, 14, 15, 31, 32, 33] + [0] * 4)
+    np.testing.assert_array_equal(
+        b.positions, [6, 1, 2, 0, 0, 1, 2, 3, 4, 2, 3, 4] + [0] * 4)
+    np.testing.assert_array_equal(
+        b.slot_mapping,
+        [38, 17, 26, NUM_SLOTS, 28, 29, 30, 31, 8, 22, 23, 0] + [NUM_SLOTS] * 4)
+    # Decode section: sequence s owns token s (the padding sequence owns the padding slot and
+    # has no cache); then the prefill sequences' offsets.
+    np.testing.assert_array_equal(b.query_start, [0, 1, 2, 3, 4, 9, 12])
+    np.testing.assert_array_equal(b.kv_lens, [7, 2, 3, 0, 5, 5])
+    np.testing.assert_array_equal(b.logits_indices, [0, 1, 2, 0, 8, 11])
+    np.testing.assert_array_equal(b.page_table, [[3, 9], [4, 0], [6, 0], [0, 0], [7, 2],
+                                                 [5, 0]])
+
+
+def test_page_copies():
+    b = build_step_batch([SequenceChunk([1, 2], 0, [3])], page_size=4, num_slots=64,
+                         page_copies=[(5, 9), (6, 10), (7, 11)])
+    np.testing.assert_array_equal(b.copy_src, [5, 6, 7, 0])
+    np.testing.assert_array_equal(b.copy_dst, [9, 10, 11, 16])  # padding: page 16 is out
+    assert b.shape_key[-1] == 4
+
+
 def test_only_needed_pages_enter_the_page_table():
     # 3 tokens at page_size 4 need 1 page even though the sequence owns 3.
     b = build_step_batch([SequenceChunk([1, 2, 3], 0, [6, 4, 5])], page_size=4,
@@ -84,9 +123,10 @@ def test_only_needed_pages_enter_the_page_table():
 def test_min_buckets_raise_shapes():
     b = build_step_batch([SequenceChunk([5], 3, [1])], page_size=16, num_slots=NUM_SLOTS,
                          min_tokens=8, min_seqs=4, min_pages=2)
-    assert b.shape_key == (8, 4, 2, 1, False)
-    np.testing.assert_array_equal(b.page_table, [[1, 0], [0, 0], [0, 0], [0, 0]])
-    np.testing.assert_array_equal(b.query_start, [0, 1, 1, 1, 1])
+    # A decode-only batch has T == S == num_decode: the larger minimum sets all three.
+    assert b.shape_key == (8, 8, 2, 1, 0, 8, 0)
+    np.testing.assert_array_equal(b.page_table, [[1, 0]] + [[0, 0]] * 7)
+    np.testing.assert_array_equal(b.query_start, np.arange(9))
     np.testing.assert_array_equal(b.slot_mapping, [19] + [NUM_SLOTS] * 7)
     assert b.is_decode
 
@@ -128,7 +168,8 @@ def test_decode_batch_puts_sequence_s_token_at_index_s():
     np.testing.assert_array_equal(b.tokens[:5], [100, 101, 102, 103, 104])
     np.testing.assert_array_equal(b.positions[:5], starts)
     np.testing.assert_array_equal(b.logits_indices[:5], range(5))
-    np.testing.assert_array_equal(b.query_start, [0, 1, 2, 3, 4, 5, 5, 5, 5])
+    # Padding sequences own their padding token slot (kv_len 0: they attend to nothing).
+    np.testing.assert_array_equal(b.query_start, np.arange(9))
     np.testing.assert_array_equal(b.kv_lens, [1, 18, 41, 6, 64, 0, 0, 0])
     expected_slots = [p[start // page_size] * page_size + start % page_size
                       for start, p in zip(starts, pages, strict=True)]
@@ -194,57 +235,63 @@ def test_property_layout_invariants(case):
     n = len(chunks)
     lens = [len(c.token_ids) for c in chunks]
     total = sum(lens)
+    n_dec = next((i for i, length in enumerate(lens) if length != 1), n)
+    prefill = chunks[n_dec:]
+    D = b.num_decode
     t_bucket, s_bucket, p_bucket = len(b.tokens), len(b.kv_lens), b.page_table.shape[1]
 
-    # Buckets: powers of two, the smallest that fit the content and the minimums.
+    # Sections and buckets: powers of two, the smallest that fit the content and minimums.
     max_pages = max(-(-(c.start + len(c.token_ids)) // page_size) for c in chunks)
-    for got, need in ((t_bucket, max(total, min_tokens)), (s_bucket, max(n, min_seqs)),
-                      (p_bucket, max(max_pages, min_pages))):
-        assert _is_pow2(got) and got >= need > got // 2
-    assert _is_pow2(b.max_query_len) and max(lens) <= b.max_query_len <= t_bucket
-    assert b.max_query_len == min(bucket(max(lens)), t_bucket)
-    assert b.shape_key == (t_bucket, s_bucket, p_bucket, b.max_query_len, b.prefix_free)
+    assert _is_pow2(p_bucket) and p_bucket >= max(max_pages, min_pages) > p_bucket // 2
+    if not prefill:
+        assert b.is_decode and t_bucket == s_bucket == D and b.max_query_len == 1
+        assert _is_pow2(D) and D >= max(n, min_seqs, min_tokens) > D // 2
+    else:
+        assert not b.is_decode
+        assert (bucket(n_dec) if n_dec else 0) == D
+        assert _is_pow2(t_bucket) and t_bucket >= max(D + total - n_dec, min_tokens)
+        assert _is_pow2(s_bucket - D) and s_bucket - D >= len(prefill)
+        assert b.max_query_len == min(bucket(max(lens[n_dec:])), t_bucket - D)
+    assert b.shape_key == (t_bucket, s_bucket, p_bucket, b.max_query_len,
+                           int(b.prefix_free), D, 0)
     assert b.num_seqs == n and b.num_tokens == total
     assert b.positions.shape == b.slot_mapping.shape == (t_bucket,)
     assert b.query_start.shape == (s_bucket + 1,) and b.logits_indices.shape == (s_bucket,)
-    assert b.page_table.shape == (s_bucket, p_bucket)
-
-    # query_start: cumulative lengths, padding sequences empty at the end.
-    np.testing.assert_array_equal(b.query_start[:n + 1], np.concatenate([[0], np.cumsum(lens)]))
-    assert np.all(b.query_start[n:] == total)
     assert np.all(np.diff(b.query_start) >= 0)
 
     # Every sequence is recovered from its slice of the flat arrays.
+    real_tokens: set[int] = set()
     for s, c in enumerate(chunks):
-        lo, hi = b.query_start[s], b.query_start[s + 1]
+        seq = s if s < n_dec else D + s - n_dec
+        lo, hi = b.query_start[seq], b.query_start[seq + 1]
+        if s < n_dec:
+            assert (lo, hi) == (s, s + 1), "decode token s belongs to sequence s"
+        real_tokens.update(range(lo, hi))
         pos = np.arange(c.start, c.start + len(c.token_ids))
         np.testing.assert_array_equal(b.tokens[lo:hi], c.token_ids)
         np.testing.assert_array_equal(b.positions[lo:hi], pos)
         pages = np.asarray(c.pages)
         np.testing.assert_array_equal(b.slot_mapping[lo:hi],
                                       pages[pos // page_size] * page_size + pos % page_size)
-        assert b.kv_lens[s] == c.start + len(c.token_ids)
-        assert b.logits_indices[s] == hi - 1
-        needed = -(-b.kv_lens[s] // page_size)
-        np.testing.assert_array_equal(b.page_table[s, :needed], pages[:needed])
-        assert np.all(b.page_table[s, needed:] == 0)
-        # The page table maps every position back to the token's slot.
-        row = b.page_table[s]
-        np.testing.assert_array_equal(row[b.positions[lo:hi] // page_size] * page_size
-                                      + b.positions[lo:hi] % page_size, b.slot_mapping[lo:hi])
+        assert b.kv_lens[seq] == c.start + len(c.token_ids)
+        assert b.logits_indices[seq] == hi - 1
+        needed = -(-b.kv_lens[seq] // page_size)
+        np.testing.assert_array_equal(b.page_table[seq, :needed], pages[:needed])
+        assert np.all(b.page_table[seq, needed:] == 0)
+    if prefill:
+        assert b.query_start[D] == D, "the prefill section starts right after the decodes"
 
     # Padding: tokens write nowhere, sequences attend to nothing.
-    assert np.all(b.slot_mapping[total:] == num_slots)
-    assert np.all(b.tokens[total:] == 0) and np.all(b.positions[total:] == 0)
-    assert np.all(b.kv_lens[n:] == 0) and np.all(b.page_table[n:] == 0)
-    assert np.all(b.logits_indices[n:] == 0)
+    padding = [t for t in range(t_bucket) if t not in real_tokens]
+    assert np.all(b.slot_mapping[padding] == num_slots)
+    assert np.all(b.tokens[padding] == 0) and np.all(b.positions[padding] == 0)
+    real_seqs = set(range(n_dec)) | {D + j for j in range(len(prefill))}
+    pad_seqs = [s for s in range(s_bucket) if s not in real_seqs]
+    assert np.all(b.kv_lens[pad_seqs] == 0) and np.all(b.page_table[pad_seqs] == 0)
+    assert np.all(b.logits_indices[pad_seqs] == 0)
     # Real slots are distinct (sequences own distinct pages) and inside the pool.
-    real = b.slot_mapping[:total]
+    real = b.slot_mapping[sorted(real_tokens)]
     assert len(set(real.tolist())) == total and np.all((real >= 0) & (real < num_slots))
 
-    assert b.prefix_free == (b.max_query_len > 1 and all(c.start == 0 for c in chunks))
-    assert b.is_decode == (b.max_query_len == 1)
-    if all(length == 1 for length in lens):
-        assert b.is_decode
-        np.testing.assert_array_equal(b.tokens[:n], [c.token_ids[0] for c in chunks])
-        np.testing.assert_array_equal(b.logits_indices[:n], np.arange(n))
+    assert b.prefix_free == (bool(prefill) and b.max_query_len > 1
+                             and all(c.start == 0 for c in prefill))

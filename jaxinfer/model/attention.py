@@ -12,6 +12,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
 from pallas_kernels.ragged_paged_attention.reference import (
     causal_prefill_attention_reference,
+    paged_decode_attention_reference,
     ragged_paged_attention_reference,
 )
 
@@ -40,27 +41,50 @@ def attention(
     """Attention of this step's queries q [T, H, E].
 
     Keys and values are this step's k, v [T, K, E] (already written to the cache) and the
-    stacked cache [L, NP, C, K, E] at `layer`; a prefix-free batch needs only the former.
+    stacked cache [L, NP, C, K, E] at `layer`. The decode section (first `num_decode` tokens,
+    one per sequence) and the prefill section are computed separately.
     """
-    decode = batch.max_query_len == 1 and q.shape[0] == batch.kv_lens.shape[0]
-    # The native kernel reads the pages in place (decode step, batch 32: 354 -> 272 ms; batch
-    # 1 with native matmuls: 33.1 -> 30.8 ms; docs/architecture.md).
-    if cfg.attention_impl == "cpu" and decode and q.dtype == jnp.float32:
+    if cfg.attention_impl not in ("xla", "cpu"):
+        raise ConfigError(
+            f"attention_impl {cfg.attention_impl!r} is not built into this version; "
+            "use attention_impl='xla' (or 'cpu' on CPU)")
+    D, T = batch.num_decode, q.shape[0]
+    parts = []
+    if D:
+        parts.append(_decode(cfg, q[:D], k_cache, v_cache, layer, batch.kv_lens[:D],
+                             batch.page_table[:D], sliding_window))
+    if D < T:
+        parts.append(_prefill(cfg, q[D:], k[D:], v[D:], k_cache[layer], v_cache[layer],
+                              batch, sliding_window))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _decode(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+            layer: jax.Array, kv_lens: jax.Array, page_table: jax.Array,
+            window: jax.Array | None) -> jax.Array:
+    """One query per sequence (token s is sequence s)."""
+    if cfg.attention_impl == "cpu" and q.dtype == jnp.float32:
+        # The native kernel reads the pages in place (decode step, batch 32: 354 -> 272 ms;
+        # batch 1 with native matmuls: 33.1 -> 30.8 ms; docs/architecture.md).
         cpu_kernels.require_cpu_backend("attention_impl")
         return cpu_kernels.paged_decode_attention(
-            q, k_cache, v_cache, batch.kv_lens, batch.page_table, layer, sliding_window,
+            q, k_cache, v_cache, kv_lens, page_table, layer, window,
             sm_scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap)
-    if cfg.attention_impl in ("xla", "cpu"):
-        if batch.prefix_free:
-            return causal_prefill_attention_reference(
-                q, k, v, batch.positions, batch.query_start, sm_scale=cfg.attention_scale,
-                sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap)
-        return ragged_paged_attention_reference(
-            q, k_cache[layer], v_cache[layer], batch.kv_lens, batch.page_table, batch.query_start,
-            max_query_len=batch.max_query_len, sm_scale=cfg.attention_scale,
-            sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap,
-        )
-    raise ConfigError(
-        f"attention_impl {cfg.attention_impl!r} is not built into this version; "
-        "use attention_impl='xla' (or 'cpu' on CPU)"
-    )
+    return paged_decode_attention_reference(
+        q, k_cache[layer], v_cache[layer], kv_lens, page_table, sm_scale=cfg.attention_scale,
+        sliding_window=window, soft_cap=cfg.attn_logit_softcap)
+
+
+def _prefill(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
+             v_pages: jax.Array, batch: Batch, window: jax.Array | None) -> jax.Array:
+    """The prefill section: its own tokens, sequences from `num_decode` on."""
+    D = batch.num_decode
+    query_start = batch.query_start[D:] - D
+    if batch.prefix_free:
+        return causal_prefill_attention_reference(
+            q, k, v, batch.positions[D:], query_start, sm_scale=cfg.attention_scale,
+            sliding_window=window, soft_cap=cfg.attn_logit_softcap)
+    return ragged_paged_attention_reference(
+        q, k_pages, v_pages, batch.kv_lens[D:], batch.page_table[D:], query_start,
+        max_query_len=batch.max_query_len, sm_scale=cfg.attention_scale,
+        sliding_window=window, soft_cap=cfg.attn_logit_softcap)

@@ -36,8 +36,11 @@ class Batch:
     kv_lens: Any  # [S] int32
     page_table: Any  # [S, P] int32
     logits_indices: Any  # [S] int32
+    copy_src: Any = None  # [N] int32 pages to copy before the step (copy-on-write)
+    copy_dst: Any = None  # [N] int32 (padding: out of range, dropped)
     max_query_len: int = flax.struct.field(pytree_node=False, default=1)
     prefix_free: bool = flax.struct.field(pytree_node=False, default=False)
+    num_decode: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def from_step(cls, step: StepBatch, tokens: Any = None) -> Batch:
@@ -46,8 +49,11 @@ class Batch:
             tokens=step.tokens if tokens is None else tokens,
             positions=step.positions, slot_mapping=step.slot_mapping,
             query_start=step.query_start, kv_lens=step.kv_lens, page_table=step.page_table,
-            logits_indices=step.logits_indices, max_query_len=step.max_query_len,
-            prefix_free=step.prefix_free,
+            logits_indices=step.logits_indices,
+            copy_src=step.copy_src if len(step.copy_src) else None,
+            copy_dst=step.copy_dst if len(step.copy_dst) else None,
+            max_query_len=step.max_query_len, prefix_free=step.prefix_free,
+            num_decode=step.num_decode,
         )
 
 
@@ -127,6 +133,8 @@ def hidden_states(
     params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
     """Final-norm hidden states [T, D] of every token, and the updated cache."""
+    if batch.copy_src is not None:
+        cache = copy_pages(cache, batch.copy_src, batch.copy_dst)
     with jax.named_scope("embed"):
         x = jnp.take(params.embed, batch.tokens, axis=0)
         if cfg.embed_scale is not None:
@@ -142,6 +150,13 @@ def hidden_states(
     (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
     return x, KVCache(k=k, v=v)
+
+
+def copy_pages(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copy whole pages (every layer, keys and values) src[i] -> dst[i]; dst out of range
+    is dropped (padding)."""
+    return KVCache(k=cache.k.at[:, dst].set(cache.k[:, src], mode="drop"),
+                   v=cache.v.at[:, dst].set(cache.v[:, src], mode="drop"))
 
 
 def compute_logits(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:

@@ -58,8 +58,9 @@ def ragged_paged_attention_reference(
     query_start = query_start.astype(jnp.int32)
 
     if Qm == 1 and T == S:
-        return _decode_attention(q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale,
-                                 sliding_window=sliding_window, soft_cap=soft_cap)
+        return paged_decode_attention_reference(
+            q, k_pages, v_pages, kv_lens, page_table, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap)
 
     q_len = query_start[1:] - query_start[:-1]  # [S]
     offs = jnp.arange(Qm, dtype=jnp.int32)
@@ -140,7 +141,7 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array, sm_scale: float,
     return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
 
 
-def _decode_attention(
+def paged_decode_attention_reference(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
     page_table: jax.Array, *, sm_scale: float, sliding_window: int | jax.Array | None,
     soft_cap: float | None,
