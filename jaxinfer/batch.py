@@ -61,6 +61,8 @@ class StepBatch:
       max_query_len: static bucket >= every prefill-section chunk (1 without one).
       prefix_free: every prefill-section chunk starts at position 0, so its attention needs
         only this step's keys and values.
+      seq_index: [num_seqs] the sequence slot of each input chunk, in input order: per-
+        sequence inputs (sampling parameters) and outputs (tokens) are indexed by it.
     """
 
     tokens: np.ndarray
@@ -77,6 +79,7 @@ class StepBatch:
     num_decode: int = 0
     copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    seq_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def shape_key(self) -> tuple[int, ...]:
@@ -178,4 +181,6 @@ def build_step_batch(
                      logits_indices=logits_indices, num_seqs=len(chunks),
                      num_tokens=num_tokens, max_query_len=Qm,
                      prefix_free=bool(prefill) and Qm > 1 and all(c.start == 0 for c in prefill),
-                     num_decode=D, copy_src=copy_src, copy_dst=copy_dst)
+                     num_decode=D, copy_src=copy_src, copy_dst=copy_dst,
+                     seq_index=np.array([s if s < n_dec else D + s - n_dec
+                                         for s in range(len(chunks))], np.int32))

@@ -311,14 +311,14 @@ class LLM:
                     self._accept_all(pending, on_text)
                     pending = None
                     continue
-                out = self._dispatch(reqs, [0] * len(reqs), stats, tokens=pending[0])
+                out, _ = self._dispatch(reqs, [0] * len(reqs), stats, tokens=pending[0])
                 self._accept_all(pending, on_text)
                 pending = (out, reqs)
             elif prefill:
                 self._prefill(prefill, on_text, stats)
             elif active:
-                out = self._dispatch(active, [r.generated[-1] for r in active], stats)
-                pending = (out, active)
+                out, _ = self._dispatch(active, [r.generated[-1] for r in active], stats)
+                pending = (out, active)  # decode-only: sequence slot i is request i
             elif waiting and not running:
                 raise CapacityError("the KV cache cannot hold the next request")
 
@@ -339,15 +339,18 @@ class LLM:
             budget -= n
             if budget == 0 or r.num_scheduled > 0:
                 break
-        out = self._dispatch(reqs, chunks, stats)
-        tokens = np.asarray(out)
-        for r, token in zip(reqs, tokens, strict=False):
+        out, slots = self._dispatch(reqs, chunks, stats)
+        tokens = np.asarray(out)[slots]
+        for r, token in zip(reqs, tokens, strict=True):
             if r.num_scheduled == len(r.prompt_ids):
                 self._accept(r, int(token), on_text)
 
     def _dispatch(self, reqs: list[_Request], new_tokens: list[Any], stats: GenerateStats,
-                  tokens: jax.Array | None = None) -> jax.Array:
-        """Build and launch one step; advances each request's `num_scheduled`."""
+                  tokens: jax.Array | None = None) -> tuple[jax.Array, np.ndarray]:
+        """Build and launch one step; advances each request's `num_scheduled`.
+
+        Returns the device tokens [S] and each request's sequence slot in them.
+        """
         chunks = []
         for r, toks in zip(reqs, new_tokens, strict=True):
             toks = toks if isinstance(toks, list) else [toks]
@@ -359,9 +362,10 @@ class LLM:
         # seeds the draw, so sampled output does not depend on how steps were batched.
         sampling = pack_sampling(
             [r.params for r in reqs], [r.seed for r in reqs],
-            [max(r.num_scheduled - len(r.prompt_ids), 0) for r in reqs], len(step.kv_lens))
+            [max(r.num_scheduled - len(r.prompt_ids), 0) for r in reqs], len(step.kv_lens),
+            step.seq_index)
         stats.steps += 1
-        return self.runner.step(step, sampling, tokens)
+        return self.runner.step(step, sampling, tokens), step.seq_index
 
     def _accept_all(self, pending: tuple[jax.Array, list[_Request]],
                     on_text: TextCallback | None) -> None:

@@ -112,18 +112,32 @@ def resolve_seed(params: SamplingParams) -> int:
 
 
 def pack_sampling(
-    params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int], num_slots: int
+    params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int], num_slots: int,
+    slots: Sequence[int] | np.ndarray | None = None,
 ) -> SamplingArrays:
-    """Pack the parameters of `len(params)` sequences into arrays of length `num_slots`."""
+    """Pack the parameters of `len(params)` sequences into arrays of length `num_slots`.
+
+    Args:
+      params, seeds, steps: one entry per sequence.
+      num_slots: the step's sequence bucket S.
+      slots: each sequence's slot in the step (`StepBatch.seq_index`); default 0..n-1.
+        Padding slots are greedy.
+    """
     n = len(params)
-    pad = num_slots - n
-    temps = np.array([p.temperature for p in params] + [0.0] * pad, np.float32)
+    index = np.arange(n) if slots is None else np.asarray(slots, np.int64)
+
+    def put(values: Sequence[float], fill: float, dtype: type) -> np.ndarray:
+        out = np.full(num_slots, fill, dtype)
+        out[index] = np.asarray(values, dtype) if n else out[index]
+        return out
+
+    temps = put([p.temperature for p in params], 0.0, np.float32)
     return SamplingArrays(
         temperature=temps,
-        top_k=np.array([max(p.top_k, 0) for p in params] + [0] * pad, np.int32),
-        top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
-        min_p=np.array([p.min_p for p in params] + [0.0] * pad, np.float32),
-        seed=np.array([s % 2**32 for s in seeds] + [0] * pad, np.uint32),
-        step=np.array(list(steps) + [0] * pad, np.int32),
+        top_k=put([max(p.top_k, 0) for p in params], 0, np.int32),
+        top_p=put([p.top_p for p in params], 1.0, np.float32),
+        min_p=put([p.min_p for p in params], 0.0, np.float32),
+        seed=put([s % 2**32 for s in seeds], 0, np.uint32),
+        step=put(list(steps), 0, np.int32),
         all_greedy=bool(np.all(temps == 0)),
     )
