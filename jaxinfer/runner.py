@@ -13,12 +13,13 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.batch import StepBatch
 from jaxinfer.cache.paged import KVCache, init_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.params import Params
-from jaxinfer.model.sampler import sample
+from jaxinfer.model.sampler import apply_penalties, sample, token_logprobs
 from jaxinfer.model.transformer import Batch, forward
 from jaxinfer.sampling import SamplingArrays
 
@@ -33,24 +34,60 @@ class DeviceSampling:
     min_p: Any
     seed: Any
     step: Any
+    presence: Any = None
+    frequency: Any = None
+    repetition: Any = None
+    penalty_ids: Any = None
+    output_counts: Any = None
+    in_prompt: Any = None
     all_greedy: bool = flax.struct.field(pytree_node=False, default=True)
+    want_logprobs: bool = flax.struct.field(pytree_node=False, default=False)
+    num_logprobs: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def from_arrays(cls, a: SamplingArrays) -> DeviceSampling:
         return cls(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                   seed=a.seed, step=a.step, all_greedy=a.all_greedy)
+                   seed=a.seed, step=a.step, presence=a.presence, frequency=a.frequency,
+                   repetition=a.repetition, penalty_ids=a.penalty_ids,
+                   output_counts=a.output_counts, in_prompt=a.in_prompt,
+                   all_greedy=a.all_greedy, want_logprobs=a.want_logprobs,
+                   num_logprobs=a.num_logprobs)
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """What about the sampling is static (part of the compiled program's key)."""
+        width = None if self.penalty_ids is None else self.penalty_ids.shape[1]
+        return (self.all_greedy, self.want_logprobs, self.num_logprobs, width)
 
 
 def generation_step(
     params: Params, cache: KVCache, batch: Batch, sampling: DeviceSampling, *, cfg: ModelConfig
-) -> tuple[jax.Array, KVCache]:
-    """Forward one ragged step and sample the next token of every sequence: [S] int32."""
+) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    """Forward one ragged step and sample the next token of every sequence.
+
+    Returns:
+      tokens [S] int32 (kept on device: the next decode step's input), the host-bound
+      results packed in one float32 array [S, 2 + 2K] (token, its log-probability, then K
+      alternative ids and their log-probabilities; ids < 2**24 are exact in float32) or
+      None when no sequence asked for log-probabilities, and the cache.
+    """
     logits, cache = forward(params, cfg, batch, cache)
     with jax.named_scope("sample"):
-        tokens = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+        adjusted = logits
+        if sampling.penalty_ids is not None:
+            adjusted = apply_penalties(logits, sampling.penalty_ids, sampling.output_counts,
+                                       sampling.in_prompt, sampling.presence,
+                                       sampling.frequency, sampling.repetition)
+        tokens = sample(adjusted, sampling.temperature, sampling.top_k, sampling.top_p,
                         sampling.min_p, sampling.seed, sampling.step,
-                        all_greedy=sampling.all_greedy)
-    return tokens, cache
+                        all_greedy=sampling.all_greedy and sampling.penalty_ids is None)
+        if not sampling.want_logprobs:
+            return tokens, None, cache
+        chosen, top_ids, top_values = token_logprobs(logits, tokens, sampling.num_logprobs)
+        columns = [tokens.astype(jnp.float32)[:, None], chosen[:, None]]
+        if top_ids is not None:
+            columns += [top_ids.astype(jnp.float32), top_values]
+        return tokens, jnp.concatenate(columns, axis=1), cache
 
 
 @dataclasses.dataclass
@@ -73,6 +110,7 @@ class ModelRunner:
         self._jitted = jax.jit(functools.partial(generation_step, cfg=cfg), donate_argnums=(1,))
         self._programs: dict[tuple[Any, ...], Any] = {}
         self.compile_stats = CompileStats()
+        self.last_packed: jax.Array | None = None  # log-probabilities of the last step
 
     @property
     def num_slots(self) -> int:
@@ -102,7 +140,8 @@ class ModelRunner:
         """
         batch = Batch.from_step(step, tokens)
         device_sampling = DeviceSampling.from_arrays(sampling)
-        key = (*step.shape_key, sampling.all_greedy)
+        key = (*step.shape_key, *device_sampling.signature)
         program = self._program(batch, device_sampling, key)
-        out, self.cache = program(self.params, self.cache, batch, device_sampling)
+        out, packed, self.cache = program(self.params, self.cache, batch, device_sampling)
+        self.last_packed = packed
         return out

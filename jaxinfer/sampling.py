@@ -32,6 +32,13 @@ class SamplingParams:
       stop_token_ids: extra token ids that end generation.
       ignore_eos: keep generating past end-of-sequence tokens (benchmarks).
       skip_special_tokens: drop special tokens from the text.
+      presence_penalty: subtracted from the logit of every token already generated
+        (OpenAI semantics, in [-2, 2]).
+      frequency_penalty: subtracted once per earlier occurrence in the output ([-2, 2]).
+      repetition_penalty: divides positive (multiplies negative) logits of tokens in the
+        prompt or output (transformers semantics; 1 is off, must be > 0).
+      logprobs: return the sampled token's log-probability and this many alternatives
+        (0-20; None: none). Log-probabilities are of the model's raw distribution.
     """
 
     temperature: float = 1.0
@@ -44,11 +51,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # numpy scalars (np.int64(5), np.float32(0.5)) are numbers too: store plain Python.
         for name, kind in (("temperature", float), ("top_p", float), ("min_p", float),
-                           ("top_k", int), ("max_tokens", int), ("seed", int)):
+                           ("presence_penalty", float), ("frequency_penalty", float),
+                           ("repetition_penalty", float), ("top_k", int), ("max_tokens", int),
+                           ("seed", int), ("logprobs", int)):
             value = getattr(self, name)
             if _is_number(value, integral=kind is int):
                 object.__setattr__(self, name, kind(value))
@@ -77,6 +90,19 @@ class SamplingParams:
             raise bad("seed", "must be an integer or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 disables it)")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +130,14 @@ class SamplingArrays:
     seed: np.ndarray  # uint32
     step: np.ndarray  # int32: tokens generated so far (folds into the key)
     all_greedy: bool
+    presence: np.ndarray | None = None  # float32 [S]; None: no penalties in this step
+    frequency: np.ndarray | None = None
+    repetition: np.ndarray | None = None
+    penalty_ids: np.ndarray | None = None  # int32 [S, M] distinct seen ids (padding: vocab)
+    output_counts: np.ndarray | None = None  # int32 [S, M] occurrences in the output
+    in_prompt: np.ndarray | None = None  # bool [S, M] id occurs in the prompt
+    num_logprobs: int = 0  # static: alternatives to return (0: the sampled token's only)
+    want_logprobs: bool = False
 
 
 def resolve_seed(params: SamplingParams) -> int:
@@ -114,6 +148,8 @@ def resolve_seed(params: SamplingParams) -> int:
 def pack_sampling(
     params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int], num_slots: int,
     slots: Sequence[int] | np.ndarray | None = None,
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+    vocab_size: int | None = None,
 ) -> SamplingArrays:
     """Pack the parameters of `len(params)` sequences into arrays of length `num_slots`.
 
@@ -122,6 +158,9 @@ def pack_sampling(
       num_slots: the step's sequence bucket S.
       slots: each sequence's slot in the step (`StepBatch.seq_index`); default 0..n-1.
         Padding slots are greedy.
+      histories: each sequence's (prompt ids, output ids so far), needed when any sequence
+        uses presence/frequency/repetition penalties.
+      vocab_size: the model's vocabulary (padding id for penalty tables).
     """
     n = len(params)
     index = np.arange(n) if slots is None else np.asarray(slots, np.int64)
@@ -140,4 +179,57 @@ def pack_sampling(
         seed=put([s % 2**32 for s in seeds], 0, np.uint32),
         step=put(list(steps), 0, np.int32),
         all_greedy=bool(np.all(temps == 0)),
+        **_pack_logprobs(params),
+        **_pack_penalties(params, histories, num_slots, index, vocab_size),
     )
+
+
+MAX_LOGPROBS = 20
+
+
+def _pack_logprobs(params: Sequence[SamplingParams]) -> dict:
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if not wanted:
+        return {}
+    k = max(wanted)
+    return {"want_logprobs": True,
+            "num_logprobs": 0 if k == 0 else min(1 << (k - 1).bit_length(), MAX_LOGPROBS)}
+
+
+def _pack_penalties(
+    params: Sequence[SamplingParams],
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None,
+    num_slots: int, index: np.ndarray, vocab_size: int | None,
+) -> dict:
+    """Distinct seen token ids with output counts, for the sequences that use penalties."""
+    users = [i for i, p in enumerate(params) if p.uses_penalties]
+    if not users:
+        return {}
+    if histories is None or vocab_size is None:
+        raise ValueError("penalties need each sequence's (prompt, output) history and the vocab")
+    seen: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for i in users:
+        prompt, output = (np.asarray(h, np.int64) for h in histories[i])
+        ids, counts = np.unique(output, return_counts=True)
+        all_ids = np.union1d(ids, np.unique(prompt)) if params[i].repetition_penalty != 1 \
+            else ids
+        out_counts = np.zeros(len(all_ids), np.int32)
+        out_counts[np.searchsorted(all_ids, ids)] = counts
+        seen[i] = (all_ids, out_counts, np.isin(all_ids, prompt))
+    width = max(1, max(len(v[0]) for v in seen.values()))
+    M = 1 << (width - 1).bit_length()
+    penalty_ids = np.full((num_slots, M), vocab_size, np.int32)
+    output_counts = np.zeros((num_slots, M), np.int32)
+    in_prompt = np.zeros((num_slots, M), bool)
+    presence = np.zeros(num_slots, np.float32)
+    frequency = np.zeros(num_slots, np.float32)
+    repetition = np.ones(num_slots, np.float32)
+    for i, (ids, counts, prompt_flags) in seen.items():
+        slot, n = index[i], len(ids)
+        penalty_ids[slot, :n], output_counts[slot, :n], in_prompt[slot, :n] = (
+            ids, counts, prompt_flags)
+        presence[slot] = params[i].presence_penalty
+        frequency[slot] = params[i].frequency_penalty
+        repetition[slot] = params[i].repetition_penalty
+    return {"presence": presence, "frequency": frequency, "repetition": repetition,
+            "penalty_ids": penalty_ids, "output_counts": output_counts, "in_prompt": in_prompt}

@@ -77,3 +77,43 @@ def _largest_cut(bits: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> j
 
     lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
     return lo
+
+
+def apply_penalties(
+    logits: jax.Array, penalty_ids: jax.Array, output_counts: jax.Array, in_prompt: jax.Array,
+    presence: jax.Array, frequency: jax.Array, repetition: jax.Array,
+) -> jax.Array:
+    """Repetition, then frequency and presence penalties, on the seen tokens of each row.
+
+    Args:
+      logits: [S, V] float32.
+      penalty_ids: [S, M] distinct token ids each row has seen (padding: V).
+      output_counts: [S, M] occurrences of each id in the row's output.
+      in_prompt: [S, M] whether the id occurs in the row's prompt.
+      presence, frequency, repetition: [S] penalties (0, 0, 1: none).
+    """
+    logits = jnp.asarray(logits)
+    S, V = logits.shape
+    valid = penalty_ids < V
+    values = jnp.take_along_axis(logits, jnp.where(valid, penalty_ids, 0), axis=-1)
+    seen = valid & (in_prompt | (output_counts > 0))
+    rep = repetition[:, None]
+    values = jnp.where(seen, jnp.where(values > 0, values / rep, values * rep), values)
+    generated = valid & (output_counts > 0)
+    values = values - jnp.where(
+        generated, frequency[:, None] * output_counts.astype(jnp.float32) + presence[:, None],
+        0.0)
+    rows = jnp.arange(S)[:, None]
+    return logits.at[rows, penalty_ids].set(values, mode="drop")
+
+
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, num_top: int
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Log-probabilities of `tokens` [S] under the raw logits, and the top `num_top`."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    if not num_top:
+        return chosen, None, None
+    top_values, top_ids = jax.lax.top_k(logprobs, num_top)
+    return chosen, top_ids.astype(jnp.int32), top_values

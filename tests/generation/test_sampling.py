@@ -286,3 +286,72 @@ def test_masked_tokens_are_never_sampled():
     out = draw(logits, temperature=50.0, seed=np.arange(n))
     assert np.all(out % 2 == 1)
     assert len(set(out.tolist())) == 8
+
+
+# ------------------------------------------------------------------ penalties and logprobs
+def _numpy_penalties(logits, prompt, output, presence, frequency, repetition):
+    """transformers' repetition penalty, then OpenAI's frequency/presence, in float64."""
+    out = logits.astype(np.float64).copy()
+    seen = set(prompt) | set(output)
+    for t in seen:
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in set(output):
+        count = output.count(t)
+        out[t] -= frequency * count + presence
+    return out
+
+
+def test_penalties_match_numpy():
+    from jaxinfer.model.sampler import apply_penalties
+    from jaxinfer.sampling import pack_sampling
+
+    rng = np.random.default_rng(0)
+    V = 50
+    logits = rng.standard_normal((3, V)).astype(np.float32) * 3
+    histories = [([1, 2, 3, 3], [3, 7, 7, 7, 9]), ([4, 5], []), ([0, 49], [49, 49, 0, 8])]
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25,
+                             repetition_penalty=1.3),
+              SamplingParams(repetition_penalty=0.7),
+              SamplingParams(frequency_penalty=-1.0)]
+    arrays = pack_sampling(params, [0, 0, 0], [0, 0, 0], 4, histories=histories,
+                           vocab_size=V)
+    got = np.asarray(apply_penalties(
+        np.concatenate([logits, np.zeros((1, V), np.float32)]), arrays.penalty_ids,
+        arrays.output_counts, arrays.in_prompt, arrays.presence, arrays.frequency,
+        arrays.repetition))
+    for i, ((prompt, output), p) in enumerate(zip(histories, params, strict=True)):
+        expected = _numpy_penalties(logits[i], prompt if p.repetition_penalty != 1 else [],
+                                    output, p.presence_penalty, p.frequency_penalty,
+                                    p.repetition_penalty)
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[3], 0.0)  # the padding row is untouched
+
+
+def test_no_penalty_arrays_without_penalties():
+    from jaxinfer.sampling import pack_sampling
+
+    arrays = pack_sampling([SamplingParams()], [0], [0], 1)
+    assert arrays.penalty_ids is None and not arrays.want_logprobs
+
+
+def test_logprobs_are_raw_log_softmax():
+    from jaxinfer.model.sampler import token_logprobs
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 30)).astype(np.float32)
+    tokens = np.array([4, 29], np.int32)
+    chosen, top_ids, top_values = token_logprobs(logits, tokens, 3)
+    expected = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(chosen), expected[[0, 1], tokens], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(top_ids), np.argsort(-expected, -1)[:, :3])
+    np.testing.assert_allclose(np.asarray(top_values), np.sort(expected, -1)[:, ::-1][:, :3],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name, value", [("presence_penalty", 2.5),
+                                         ("frequency_penalty", -3.0),
+                                         ("repetition_penalty", 0.0),
+                                         ("logprobs", 21), ("logprobs", -1)])
+def test_invalid_penalties_and_logprobs(name, value):
+    with pytest.raises(InputError, match=name):
+        SamplingParams(**{name: value})
