@@ -1,4 +1,4 @@
-"""Command line: `jaxinfer generate | bench`. Thin: parse into config objects, call the library."""
+"""Command line: `jaxinfer generate | serve | bench`. Thin: parse into config, call the library."""
 
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar or timings")
     _add_sampling_args(gen)
     gen.add_argument("prompt", metavar="PROMPT", help=DEFAULT_PROMPT_HELP)
+
+    from jaxinfer.server import add_serve_subparser
+
+    add_serve_subparser(sub)
 
     bench = sub.add_parser(
         "bench", help="run a benchmark workload and print JSON lines",
@@ -125,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "serve":
+            from jaxinfer.server import run_serve
+
+            return run_serve(args)
     except JaxinferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,31 +1,29 @@
 """`LLM`: load a model and generate text for a list of prompts (the Python API).
 
-Requests are admitted while KV pages last; each step either prefills prompt chunks (packed
-up to a token budget) or decodes one token for every running request. Decode steps are
-dispatched before the previous step's tokens reach the host, so the host's stop checks and
-detokenization overlap device work.
+An offline batch runs on the serving engine's core (continuous batching, chunked prefill,
+prefix caching) after BatchLLM-style planning: the batch is looked at as a whole, prompts
+sharing a prefix compute it once, and requests with longer outputs start first.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxinfer.batch import SequenceChunk, bucket, build_step_batch
-from jaxinfer.cache.paged import kv_bytes_per_token
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine.core import EngineConfig, EngineCore
+from jaxinfer.engine.offline import plan_batch
+from jaxinfer.engine.outputs import RequestDelta, TokenLogprob
 from jaxinfer.errors import CapacityError, InputError
 from jaxinfer.model.params import Params
-from jaxinfer.runner import CompileStats, ModelRunner
-from jaxinfer.sampling import SamplingParams, pack_sampling, resolve_seed
-from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxinfer.runner import CompileStats
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.weights.loader import load_model
 
 TextCallback = Callable[[int, str], None]
@@ -45,6 +43,8 @@ class RequestOutput:
       finish_reason: "stop" (EOS or stop string) or "length" (max_tokens or context).
       ttft_s: seconds from the call to the first token (compilation excluded).
       decode_s: seconds from the first to the last token (compilation excluded).
+      logprobs: per token, when the sampling parameters asked for them.
+      num_cached_tokens: prompt tokens whose KV was reused (prefix cache or shared prefix).
     """
 
     index: int
@@ -55,6 +55,8 @@ class RequestOutput:
     finish_reason: str
     ttft_s: float
     decode_s: float
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -70,23 +72,19 @@ class GenerateStats:
 
 
 @dataclasses.dataclass
-class _Request:
+class _Collected:
+    """What `generate` gathers for one request from its deltas."""
+
     index: int
     prompt: str | None
     prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    max_new: int
-    stop_ids: frozenset[int]
-    detokenizer: IncrementalDetokenizer
-    pages: list[int] = dataclasses.field(default_factory=list)
-    generated: list[int] = dataclasses.field(default_factory=list)
-    num_scheduled: int = 0  # tokens whose KV is written once every dispatched step ran
-    text: str = ""
-    emitted: int = 0
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
-    first_token_at: float = 0.0
+    first_token_at: float | None = None
     finished_at: float = 0.0
+    num_cached_tokens: int = 0
 
 
 class LLM:
@@ -99,7 +97,9 @@ class LLM:
       kv_cache_tokens: KV pool size in tokens; defaults to 1 GiB worth, and at least one
         full-length sequence.
       max_num_seqs: most sequences decoded together.
-      max_num_batched_tokens: token budget of one prefill step (a power of two).
+      max_num_batched_tokens: token budget of one step.
+      enable_prefix_caching: reuse the KV of equal prompt prefixes.
+      enable_chunked_prefill: split long prompts across steps beside decodes.
     """
 
     def __init__(
@@ -113,39 +113,33 @@ class LLM:
         kv_cache_tokens: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
     ):
-        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_model_len", max_model_len),
-                            ("kv_cache_tokens", kv_cache_tokens)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-                raise InputError(f"invalid LLM option {name}={value!r}: must be an integer >= 1"
-                                 + (" (or None for the default)"
-                                    if name in ("max_model_len", "kv_cache_tokens") else ""))
+        self.config = EngineConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            long_prefill_chunk=max_num_batched_tokens, max_model_len=max_model_len,
+            kv_cache_tokens=kv_cache_tokens, page_size=page_size,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill)
+        self.core = EngineCore(params, cfg, tokenizer, self.config)
         self.cfg = cfg
         self.tokenizer = tokenizer
-        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
-            raise InputError(
-                f"max_model_len={max_model_len} exceeds the model's context of "
-                f"{cfg.max_position_embeddings} tokens")
-        self.max_model_len = int(max_model_len or cfg.max_position_embeddings)
-        if kv_cache_tokens is None:
-            kv_cache_tokens = max(self.max_model_len, (1 << 30) // kv_bytes_per_token(cfg))
-        self.page_size = page_size
-        self.num_pages = -(-kv_cache_tokens // page_size)
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = bucket(max_num_batched_tokens)
-        self.runner = ModelRunner(params, cfg, num_pages=self.num_pages, page_size=page_size)
-        self._free_pages = list(range(self.num_pages))
+        self.max_model_len = self.core.max_model_len
         self.last_stats = GenerateStats()
 
     @property
     def params(self) -> Params:
-        return self.runner.params
+        return self.core.runner.params
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the KV pool."""
+        return self.core.num_pages
 
     @property
     def compile_stats(self) -> CompileStats:
-        return self.runner.compile_stats
+        return self.core.runner.compile_stats
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -196,10 +190,15 @@ class LLM:
         return self._generate(encoded, sampling_params, on_text)
 
     # ------------------------------------------------------------------ internals
-    def _make_requests(
+    def _clock(self) -> float:
+        """Wall time that stands still while programs compile."""
+        return time.perf_counter() - self.compile_stats.seconds
+
+    def _generate(
         self, encoded: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-    ) -> list[_Request]:
+        on_text: TextCallback | None,
+    ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams(temperature=0.0)
         if isinstance(sampling_params, SamplingParams):
@@ -208,200 +207,96 @@ class LLM:
             raise InputError(
                 f"got {len(sampling_params)} sampling parameters for {len(encoded)} prompts; "
                 "pass one for all or one per prompt")
-        requests = []
-        for i, ((text, ids), sp) in enumerate(zip(encoded, sampling_params, strict=True)):
-            if not ids:
-                raise InputError(f"prompt {i} is empty; give at least one token")
-            if max(ids) >= self.cfg.vocab_size or min(ids) < 0:
-                raise InputError(
-                    f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
-            if len(ids) >= self.max_model_len:
-                raise InputError(
-                    f"prompt {i} has {len(ids)} tokens but the context holds "
-                    f"{self.max_model_len} (prompt + output); shorten the prompt"
-                    + ("" if self.max_model_len == self.cfg.max_position_embeddings else
-                       f" or raise max_model_len (up to {self.cfg.max_position_embeddings})"))
-            max_new = min(sp.max_tokens, self.max_model_len - len(ids))
-            need = -(-(len(ids) + max_new) // self.page_size)
-            if need > self.num_pages:
+        # Validate everything before anything is queued: a bad prompt leaves no trace.
+        max_new = []
+        for i, ((_, ids), params) in enumerate(zip(encoded, sampling_params, strict=True)):
+            max_new.append(self.core.validate(ids, params, label=f"prompt {i}"))
+            capacity = self.core.num_pages * self.core.page_size
+            if len(ids) + max_new[-1] - 1 > capacity:  # the last token is never computed
                 raise CapacityError(
-                    f"prompt {i} needs {need * self.page_size} tokens of KV cache but the pool "
-                    f"holds {self.num_pages * self.page_size}; raise kv_cache_tokens or lower "
-                    "max_tokens")
-            stop_ids = frozenset() if sp.ignore_eos else (
-                frozenset(self.tokenizer.stop_token_ids) | frozenset(self.cfg.eos_token_ids))
-            stop_ids = stop_ids | frozenset(sp.stop_token_ids)
-            requests.append(_Request(
-                index=i, prompt=text, prompt_ids=list(ids), params=sp, seed=resolve_seed(sp),
-                max_new=max_new, stop_ids=stop_ids,
-                detokenizer=IncrementalDetokenizer(
-                    self.tokenizer, list(ids), skip_special_tokens=sp.skip_special_tokens),
-            ))
-        return requests
-
-    def _clock(self) -> float:
-        """Wall time that stands still while programs compile."""
-        return time.perf_counter() - self.runner.compile_stats.seconds
-
-    def _generate(
-        self, encoded: list[tuple[str | None, list[int]]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        on_text: TextCallback | None,
-    ) -> list[RequestOutput]:
-        requests = self._make_requests(encoded, sampling_params)
-        stats = GenerateStats(prompt_tokens=sum(len(r.prompt_ids) for r in requests))
+                    f"prompt {i} needs {len(ids) + max_new[-1] - 1} tokens of KV cache but the "
+                    f"pool holds {capacity}; raise kv_cache_tokens or lower max_tokens")
+        collected = [_Collected(i, text, ids) for i, (text, ids) in enumerate(encoded)]
+        stats = GenerateStats(prompt_tokens=sum(len(ids) for _, ids in encoded))
         compile_before = (self.compile_stats.seconds, self.compile_stats.programs)
+        steps_before = self.core.steps
         wall_start = time.perf_counter()
         start = self._clock()
+        plan = plan_batch([ids for _, ids in encoded], max_new, self.core.page_size)
+        ids = {p.index: f"gen-{p.index}-{id(collected)}" for p in plan}
+        held = [p for p in plan if p.leader is not None]
         try:
-            self._run(requests, on_text, stats)
+            for order, p in enumerate(plan):
+                if p.leader is None:
+                    self._submit(p.index, ids[p.index], encoded, sampling_params, collected,
+                                 on_text, order)
+            while self.core.has_unfinished() or held:
+                held = self._release_followers(held, ids, encoded, sampling_params, collected,
+                                               on_text, plan)
+                if self.core.has_unfinished():
+                    self.core.step()
         finally:
-            for r in requests:  # never leak pages, even when interrupted
-                self._release(r)
+            for request_id in ids.values():  # interrupted: free every page we hold
+                self.core.abort(request_id)
         stats.wall_s = time.perf_counter() - wall_start
         stats.compile_s = self.compile_stats.seconds - compile_before[0]
         stats.programs_compiled = self.compile_stats.programs - compile_before[1]
-        stats.generated_tokens = sum(len(r.generated) for r in requests)
+        stats.generated_tokens = sum(len(c.token_ids) for c in collected)
+        stats.steps = self.core.steps - steps_before
         self.last_stats = stats
         return [
             RequestOutput(
-                index=r.index, prompt=r.prompt, prompt_token_ids=r.prompt_ids, text=r.text,
-                token_ids=list(r.generated), finish_reason=r.finish_reason or "length",
-                ttft_s=r.first_token_at - start, decode_s=r.finished_at - r.first_token_at)
-            for r in requests
+                index=c.index, prompt=c.prompt, prompt_token_ids=c.prompt_ids,
+                text="".join(c.text), token_ids=c.token_ids,
+                finish_reason=c.finish_reason or "length",
+                ttft_s=(c.first_token_at or start) - start,
+                decode_s=c.finished_at - (c.first_token_at or c.finished_at),
+                logprobs=c.logprobs, num_cached_tokens=c.num_cached_tokens)
+            for c in collected
         ]
 
-    def _pages_needed(self, r: _Request) -> int:
-        return -(-(len(r.prompt_ids) + r.max_new) // self.page_size)
+    def _submit(self, index: int, request_id: str, encoded: list[tuple[str | None, list[int]]],
+                sampling_params: Sequence[SamplingParams], collected: list[_Collected],
+                on_text: TextCallback | None, order: int) -> None:
+        record = collected[index]
 
-    def _admissible(self, r: _Request, running: list[_Request]) -> bool:
-        """A request is admitted when a sequence slot and all its pages are free."""
-        return (len(running) < self.max_num_seqs
-                and self._pages_needed(r) <= len(self._free_pages))
+        def on_output(delta: RequestDelta) -> None:
+            now = self._clock()
+            if delta.token_ids and record.first_token_at is None:
+                record.first_token_at = now
+            record.token_ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                record.logprobs = (record.logprobs or []) + list(delta.logprobs)
+            record.num_cached_tokens = max(record.num_cached_tokens, delta.num_cached_tokens)
+            if delta.text:
+                record.text.append(delta.text)
+                if on_text is not None:
+                    on_text(index, delta.text)
+            if delta.finished:
+                record.finish_reason = delta.finish_reason
+                record.finished_at = now
 
-    def _release(self, r: _Request) -> None:
-        self._free_pages.extend(r.pages)
-        r.pages = []
+        self.core.add_request(encoded[index][1], sampling_params[index], request_id, on_output,
+                              arrival_time=float(order))
 
-    def _run(self, requests: list[_Request], on_text: TextCallback | None,
-             stats: GenerateStats) -> None:
-        waiting = collections.deque(requests)
-        running: list[_Request] = []
-        pending: tuple[jax.Array, list[_Request]] | None = None
-        while waiting or running or pending:
-            if pending is None:
-                for r in [r for r in running if r.finish_reason]:
-                    running.remove(r)
-                    self._release(r)
-            while waiting and self._admissible(waiting[0], running):
-                r = waiting.popleft()
-                r.pages = [self._free_pages.pop() for _ in range(self._pages_needed(r))]
-                running.append(r)
-            active = [r for r in running if not r.finish_reason]
-            prefill = [r for r in active if r.num_scheduled < len(r.prompt_ids)]
-            if pending is not None:
-                reqs = pending[1]
-                # Keep dispatching ahead while the batch cannot change: nobody to admit, no
-                # prompt to prefill, and every request needs at least one more token.
-                can_pipeline = (
-                    not prefill and reqs == active
-                    and not (waiting and self._admissible(waiting[0], running))
-                    and all(len(r.generated) + 1 < r.max_new for r in reqs))
-                if not can_pipeline:
-                    self._accept_all(pending, on_text)
-                    pending = None
-                    continue
-                out, _ = self._dispatch(reqs, [0] * len(reqs), stats, tokens=pending[0])
-                self._accept_all(pending, on_text)
-                pending = (out, reqs)
-            elif prefill:
-                self._prefill(prefill, on_text, stats)
-            elif active:
-                out, _ = self._dispatch(active, [r.generated[-1] for r in active], stats)
-                pending = (out, active)  # decode-only: sequence slot i is request i
-            elif waiting and not running:
-                raise CapacityError("the KV cache cannot hold the next request")
-
-    def _prefill(self, prefill: list[_Request], on_text: TextCallback | None,
-                 stats: GenerateStats) -> None:
-        # Whole prompts are packed while they fit, so most steps start every sequence at
-        # position 0 (prefix-free: attention reads no pages). A prompt is split only when it
-        # alone exceeds the budget; its later chunks then run alone.
-        budget = self.max_num_batched_tokens
-        chunks, reqs = [], []
-        for r in prefill:
-            remaining = len(r.prompt_ids) - r.num_scheduled
-            if chunks and remaining > budget:
-                break
-            n = min(remaining, budget)
-            chunks.append(r.prompt_ids[r.num_scheduled:r.num_scheduled + n])
-            reqs.append(r)
-            budget -= n
-            if budget == 0 or r.num_scheduled > 0:
-                break
-        out, slots = self._dispatch(reqs, chunks, stats)
-        tokens = np.asarray(out)[slots]
-        for r, token in zip(reqs, tokens, strict=True):
-            if r.num_scheduled == len(r.prompt_ids):
-                self._accept(r, int(token), on_text)
-
-    def _dispatch(self, reqs: list[_Request], new_tokens: list[Any], stats: GenerateStats,
-                  tokens: jax.Array | None = None) -> tuple[jax.Array, np.ndarray]:
-        """Build and launch one step; advances each request's `num_scheduled`.
-
-        Returns the device tokens [S] and each request's sequence slot in them.
-        """
-        chunks = []
-        for r, toks in zip(reqs, new_tokens, strict=True):
-            toks = toks if isinstance(toks, list) else [toks]
-            chunks.append(SequenceChunk(toks, r.num_scheduled, r.pages))
-            r.num_scheduled += len(toks)
-        step = build_step_batch(chunks, page_size=self.page_size,
-                                num_slots=self.runner.num_slots)
-        # The token sampled now is output token number num_scheduled - prompt length; it
-        # seeds the draw, so sampled output does not depend on how steps were batched.
-        sampling = pack_sampling(
-            [r.params for r in reqs], [r.seed for r in reqs],
-            [max(r.num_scheduled - len(r.prompt_ids), 0) for r in reqs], len(step.kv_lens),
-            step.seq_index)
-        stats.steps += 1
-        return self.runner.step(step, sampling, tokens), step.seq_index
-
-    def _accept_all(self, pending: tuple[jax.Array, list[_Request]],
-                    on_text: TextCallback | None) -> None:
-        tokens = np.asarray(pending[0])
-        for r, token in zip(pending[1], tokens, strict=False):
-            if not r.finish_reason:
-                self._accept(r, int(token), on_text)
-
-    def _accept(self, r: _Request, token: int, on_text: TextCallback | None) -> None:
-        now = self._clock()
-        if not r.generated:
-            r.first_token_at = now
-        r.generated.append(token)
-        stop_strings = r.params.stop
-        if token in r.stop_ids:
-            r.finish_reason = "stop"
-            r.text += r.detokenizer.flush()  # text held back for an unfinished character
-        else:
-            r.text += r.detokenizer.add(token)
-            if len(r.generated) >= r.max_new:
-                r.finish_reason = "length"
-                r.text += r.detokenizer.flush()
-            if stop_strings:
-                search_from = max(0, r.emitted - max(map(len, stop_strings)))
-                hits = [i for s in stop_strings if (i := r.text.find(s, search_from)) >= 0]
-                if hits:
-                    r.text = r.text[:min(hits)]
-                    r.finish_reason = "stop"
-        if r.finish_reason:
-            r.finished_at = now
-        # Hold back a possible stop string's prefix until it is decided.
-        hold = 0 if r.finish_reason or not stop_strings else max(map(len, stop_strings)) - 1
-        upto = max(r.emitted, len(r.text) - hold)
-        if on_text is not None and upto > r.emitted:
-            on_text(r.index, r.text[r.emitted:upto])
-        r.emitted = upto
+    def _release_followers(self, held: list[Any], ids: dict[int, str],
+                           encoded: list[tuple[str | None, list[int]]],
+                           sampling_params: Sequence[SamplingParams],
+                           collected: list[_Collected], on_text: TextCallback | None,
+                           plan: list[Any]) -> list[Any]:
+        """Submit followers whose leader has computed the shared prefix (BatchLLM)."""
+        order = {p.index: i for i, p in enumerate(plan)}
+        still = []
+        for p in held:
+            leader = self.core.request(ids[p.leader])
+            if leader is not None and leader.num_computed_tokens < p.shared_tokens:
+                still.append(p)
+                continue
+            self._submit(p.index, ids[p.index], encoded, sampling_params, collected, on_text,
+                         order[p.index])
+            if leader is not None:
+                self.core.scheduler.share_prefix(ids[p.leader], ids[p.index], p.shared_tokens)
+        return still
 
 
 def load(
