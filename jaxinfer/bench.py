@@ -148,6 +148,7 @@ class JaxinferSystem:
         from jaxinfer.sampling import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        self.llm.reset_prefix_cache()  # repetitions must not reuse the previous run's KV
         start = time.perf_counter()
         compile_before = self.llm.compile_stats.seconds
         outs = self.llm.generate(prompts, params)

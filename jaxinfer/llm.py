@@ -132,6 +132,10 @@ class LLM:
     def params(self) -> Params:
         return self.core.runner.params
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the KV cached from earlier calls (the next call recomputes every prompt)."""
+        return self.core.reset_prefix_cache()
+
     @property
     def num_pages(self) -> int:
         """Pages in the KV pool."""

@@ -160,6 +160,21 @@ class PageAllocator:
                 self._hash_by_page.pop(page, None)
                 self._free.append(page)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every unreferenced cached page (they become free); returns how many.
+
+        Pages held by requests keep their hashes. Benchmarks call this between repetitions
+        so that a repeated prompt does not measure the cache.
+        """
+        evicted = list(self._evictable)
+        for page in evicted:
+            page_hash = self._hash_by_page.pop(page)
+            if self._page_by_hash.get(page_hash) == page:
+                del self._page_by_hash[page_hash]
+            self._free.append(page)
+        self._evictable.clear()
+        return len(evicted)
+
     def copy_on_write(self, page: int) -> int:
         """The page a holder of `page` may write: itself, or a fresh one if it needs a copy.
 

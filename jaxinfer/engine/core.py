@@ -167,6 +167,10 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop all cached, unreferenced KV pages; returns how many were dropped."""
+        return self.scheduler.allocator.reset_prefix_cache()
+
     def request(self, request_id: str) -> Request | None:
         """The live request with this id (None once finished or aborted)."""
         tracked = self._tracked.get(request_id)

@@ -234,3 +234,18 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int, list[int]]]
     assert all(allocator.refcount(page) == 0 for page in range(allocator.num_pages))
     assert allocator.num_free == allocator.num_pages
     allocator.check_invariants()
+
+
+def test_reset_prefix_cache_frees_only_unreferenced_cached_pages():
+    allocator = PageAllocator(num_pages=6, page_size=2)
+    tokens = [1, 2, 3, 4, 5]
+    held = allocator.allocate(3)
+    allocator.cache_pages(tokens, held, 4)  # two full pages cached
+    other = allocator.allocate(2)
+    allocator.cache_pages([9, 9, 8, 8], other, 4)
+    allocator.free(other)  # cached and evictable
+    assert allocator.num_cached_pages >= 2
+    assert allocator.reset_prefix_cache() == 2
+    assert allocator.match_prefix([9, 9, 8, 8, 7]) == []  # forgotten
+    assert allocator.match_prefix(tokens) == held[:2]  # still held: still cached
+    allocator.check_invariants()
