@@ -59,8 +59,13 @@ class StepBatch:
       num_tokens: real tokens (<= T).
       num_decode: static size of the decode section (tokens and sequences; a bucket).
       max_query_len: static bucket >= every prefill-section chunk (1 without one).
-      prefix_free: every prefill-section chunk starts at position 0, so its attention needs
-        only this step's keys and values.
+      flat_prefill: static choice of the prefill section's attention: flat (this step's
+        keys plus the `hist_*` history keys, cost T x (T + history)) or per sequence over
+        its pages (cost S x max_query_len x P x C); `build_step_batch` picks the cheaper.
+      hist_slots: [N] cache slots of the history keys of the flat prefill section (the
+        tokens cached before this step of its sequences; padding: slot 0, sequence -1).
+      hist_seq: [N] prefill-section sequence index of each history key (-1: padding).
+      hist_pos: [N] position of each history key.
       seq_index: [num_seqs] the sequence slot of each input chunk, in input order: per-
         sequence inputs (sampling parameters) and outputs (tokens) are indexed by it.
     """
@@ -75,17 +80,26 @@ class StepBatch:
     num_seqs: int
     num_tokens: int
     max_query_len: int
-    prefix_free: bool = False
+    flat_prefill: bool = False
     num_decode: int = 0
     copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     seq_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    hist_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    hist_seq: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    hist_pos: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+
+    @property
+    def prefix_free(self) -> bool:
+        """Flat prefill attention that needs no cached keys (every chunk starts at 0)."""
+        return self.flat_prefill and len(self.hist_slots) == 0
 
     @property
     def shape_key(self) -> tuple[int, ...]:
         """Everything static about this batch: the compiled program it needs."""
         return (len(self.tokens), len(self.kv_lens), self.page_table.shape[1],
-                self.max_query_len, int(self.prefix_free), self.num_decode, len(self.copy_src))
+                self.max_query_len, int(self.flat_prefill), self.num_decode, len(self.copy_src),
+                len(self.hist_slots))
 
     @property
     def is_decode(self) -> bool:
@@ -176,11 +190,39 @@ def build_step_batch(
     copy_dst = np.full(len(copy_src), num_pages, np.int32)
     for i, (src, dst) in enumerate(page_copies):
         copy_src[i], copy_dst[i] = src, dst
+    flat, hist = _choose_prefill_attention(prefill, T - D, S - D, Qm, P, page_size)
     return StepBatch(tokens=tokens, positions=positions, slot_mapping=slots,
                      query_start=query_start, kv_lens=kv_lens, page_table=page_table,
                      logits_indices=logits_indices, num_seqs=len(chunks),
                      num_tokens=num_tokens, max_query_len=Qm,
-                     prefix_free=bool(prefill) and Qm > 1 and all(c.start == 0 for c in prefill),
+                     flat_prefill=flat, hist_slots=hist[0], hist_seq=hist[1], hist_pos=hist[2],
                      num_decode=D, copy_src=copy_src, copy_dst=copy_dst,
                      seq_index=np.array([s if s < n_dec else D + s - n_dec
                                          for s in range(len(chunks))], np.int32))
+
+
+def _choose_prefill_attention(
+    prefill: Sequence[SequenceChunk], T: int, S: int, Qm: int, P: int, page_size: int
+) -> tuple[bool, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Flat or per-sequence attention for the prefill section, by the score elements each
+    computes; for flat, the history keys (bucketed) it must gather from the cache."""
+    empty = np.zeros(0, np.int32)
+    if not prefill or Qm == 1:
+        return False, (empty, empty, empty)
+    history = sum(c.start for c in prefill)
+    N = bucket(history) if history else 0
+    if S * Qm * P * page_size < T * (T + N):
+        return False, (empty, empty, empty)
+    slots = np.zeros(N, np.int32)
+    seq = np.full(N, -1, np.int32)
+    pos = np.zeros(N, np.int32)
+    offset = 0
+    for s, c in enumerate(prefill):
+        if c.start:
+            p = np.arange(c.start, dtype=np.int32)
+            pages = np.asarray(c.pages, np.int32)
+            slots[offset:offset + c.start] = pages[p // page_size] * page_size + p % page_size
+            seq[offset:offset + c.start] = s
+            pos[offset:offset + c.start] = p
+            offset += c.start
+    return True, (slots, seq, pos)

@@ -1,4 +1,5 @@
-"""Benchmarks of BENCHMARKS.md (`single`, `batch`): JSON lines with the peer and the roofline.
+"""Benchmarks of BENCHMARKS.md (`single`, `batch`, `shared_prefix`; `serve` lives in
+`jaxinfer.bench_serve`): JSON lines with the peer and the roofline.
 
 Every invocation measures the machine's streaming bandwidth and matmul FLOP/s itself and
 runs the Hugging Face peer in the same process (`--compare hf`), because absolute times on
@@ -29,7 +30,9 @@ from jaxinfer.weights.loader import DEFAULT_MODEL_NAME
 
 SINGLE_PROMPT_LEN, SINGLE_NEW = 128, 128
 BATCH_PROMPTS, BATCH_NEW = 32, 64
+SHARED_REQUESTS, SHARED_PREFIX_LEN, SHARED_SUFFIX_LEN, SHARED_NEW = 32, 512, 32, 16
 HF_BATCH = 16
+WORKLOADS = ("single", "batch", "shared_prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,16 @@ class BenchOptions:
     compare: str | None = None
     repeats: int = 3
     output: str | None = None
+    max_model_len: int | None = None
+    page_size: int = 16
+    kv_cache_tokens: int | None = None
+    max_num_batched_tokens: int = 512
+
+    def llm_options(self) -> dict[str, Any]:
+        """The engine options of the jaxinfer system."""
+        return dict(max_model_len=self.max_model_len, page_size=self.page_size,
+                    kv_cache_tokens=self.kv_cache_tokens,
+                    max_num_batched_tokens=self.max_num_batched_tokens)
 
 
 # ------------------------------------------------------------------ workloads
@@ -54,10 +67,26 @@ def single_prompts() -> list[list[int]]:
     return [random_prompt(1, SINGLE_PROMPT_LEN)]
 
 
-def batch_prompts() -> list[list[int]]:
+def batch_prompts(count: int = BATCH_PROMPTS) -> list[list[int]]:
     lengths = random.Random(7)
-    sizes = [lengths.randrange(64, 513) for _ in range(BATCH_PROMPTS)]
+    sizes = [lengths.randrange(64, 513) for _ in range(count)]
     return [random_prompt(i, n) for i, n in enumerate(sizes)]
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    prefix = random_prompt(11, SHARED_PREFIX_LEN)
+    return [prefix + random_prompt(100 + i, SHARED_SUFFIX_LEN) for i in range(SHARED_REQUESTS)]
+
+
+def workload_inputs(workload: str) -> tuple[list[list[int]], int]:
+    """The prompts and new tokens per request of a workload."""
+    if workload == "single":
+        return single_prompts(), SINGLE_NEW
+    if workload == "batch":
+        return batch_prompts(), BATCH_NEW
+    if workload == "shared_prefix":
+        return shared_prefix_prompts(), SHARED_NEW
+    raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
 
 
 # ------------------------------------------------------------------ machine peaks
@@ -138,11 +167,13 @@ def decode_step_bytes(cfg: ModelConfig, params_bytes: int, context: float) -> fl
 class JaxinferSystem:
     name = "jaxinfer"
 
-    def __init__(self, options: BenchOptions):
+    def __init__(self, options: BenchOptions, llm: Any = None, name: str | None = None):
         import jaxinfer
 
-        self.llm = jaxinfer.load(options.model, dtype=options.dtype)
+        self.llm = llm or jaxinfer.load(options.model, dtype=options.dtype,
+                                        **options.llm_options())
         self.cfg = self.llm.cfg
+        self.name = name or self.name
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
         from jaxinfer.sampling import SamplingParams
@@ -156,7 +187,8 @@ class JaxinferSystem:
         assert all(len(o.token_ids) == new_tokens for o in outs)
         decode_s = max(o.decode_s for o in outs)
         return {"ttft_s": outs[0].ttft_s, "decode_s": decode_s, "wall_s": wall,
-                "tokens": [o.token_ids for o in outs]}
+                "tokens": [o.token_ids for o in outs],
+                "cached_tokens": sum(o.num_cached_tokens for o in outs)}
 
 
 class HFSystem:
@@ -206,7 +238,7 @@ class HFSystem:
             out = self._generate(chunk, new_tokens)
             tokens += out[:, -new_tokens:].tolist()
         return {"ttft_s": float("nan"), "decode_s": float("nan"),
-                "wall_s": time.perf_counter() - start, "tokens": tokens}
+                "wall_s": time.perf_counter() - start, "tokens": tokens, "cached_tokens": 0}
 
 
 # ------------------------------------------------------------------ driver
@@ -218,21 +250,38 @@ def _median_run(system: Any, prompts: list[list[int]], new_tokens: int,
     keys = ("ttft_s", "decode_s", "wall_s")
     result: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     result["tokens"] = runs[-1]["tokens"]
+    result["cached_tokens"] = runs[-1]["cached_tokens"]
     return result
 
 
+def _token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return round(float(np.mean([x == y for p, q in zip(a, b, strict=True)
+                                for x, y in zip(p, q, strict=True)])), 4)
+
+
 def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
-    """Run one workload for jaxinfer (and the peer); print and return the JSON records."""
+    """Run one workload for jaxinfer (and the peer); print and return the JSON records.
+
+    `shared_prefix` runs jaxinfer twice, with prefix caching (the default) and without
+    (`enable_prefix_caching=False`: neither the prefix cache nor BatchLLM prefix sharing),
+    on the same weights, and reports the ratio.
+    """
+    from jaxinfer.llm import LLM
+
     ours = JaxinferSystem(options)
     cfg = ours.cfg
-    prompts = single_prompts() if options.workload == "single" else batch_prompts()
-    new_tokens = SINGLE_NEW if options.workload == "single" else BATCH_NEW
+    prompts, new_tokens = workload_inputs(options.workload)
     peaks = measure_peaks()
     base = {"workload": options.workload, "model": options.model or DEFAULT_MODEL_NAME,
-            "device": device_name(), "dtype": options.dtype, **peaks}
+            "device": device_name(), "dtype": options.dtype,
+            "page_size": options.page_size, **peaks}
     flops = workload_flops(cfg, prompts, new_tokens)
     pbytes = param_bytes(ours.llm.params)
     systems: list[Any] = [ours]
+    if options.workload == "shared_prefix":
+        systems.append(JaxinferSystem(options, name="jaxinfer-no-prefix-cache", llm=LLM(
+            ours.llm.params, cfg, ours.llm.tokenizer, enable_prefix_caching=False,
+            **options.llm_options())))
     if options.compare == "hf":
         from jaxinfer.weights.loader import resolve_model_path
 
@@ -254,19 +303,22 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
             generated = len(prompts) * new_tokens
             rec.update(gen_tok_s=round(generated / r["wall_s"], 2), wall_s=round(r["wall_s"], 2),
                        compute_util=round(flops / r["wall_s"] / 1e9 / peaks["peak_gflops"], 3))
-        if system is ours:
-            rec["compile_s"] = round(ours.llm.compile_stats.seconds, 2)
-            rec["programs"] = ours.llm.compile_stats.programs
+            if options.workload == "shared_prefix":
+                rec["cached_prompt_tokens"] = r["cached_tokens"]
+        if isinstance(system, JaxinferSystem):
+            stats = system.llm.compile_stats
+            rec["compile_s"] = round(stats.seconds, 2)
+            rec["programs"] = stats.programs
         rec["_tokens"] = r["tokens"]
         records.append(rec)
-    if len(records) == 2:
-        a, b = records
-        agree = np.mean([x == y for p, q in zip(a["_tokens"], b["_tokens"], strict=True)
-                         for x, y in zip(p, q, strict=True)])
-        key = "decode_tok_s" if options.workload == "single" else "gen_tok_s"
-        a["vs_hf"] = {key: round(a[key] / b[key], 2), "token_agreement": round(float(agree), 4)}
+    key = "decode_tok_s" if options.workload == "single" else "gen_tok_s"
+    first = records[0]
+    for other in records[1:]:
+        label = "vs_hf" if other["system"] == HFSystem.name else "vs_no_prefix_cache"
+        first[label] = {key: round(first[key] / other[key], 2),
+                        "token_agreement": _token_agreement(first["_tokens"], other["_tokens"])}
         if options.workload == "single":
-            a["vs_hf"]["ttft_speedup"] = round(b["ttft_s"] / a["ttft_s"], 2)
+            first[label]["ttft_speedup"] = round(other["ttft_s"] / first["ttft_s"], 2)
     for rec in records:
         rec.pop("_tokens")
         line = json.dumps(rec)

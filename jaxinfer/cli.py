@@ -64,9 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "including the machine's measured bandwidth and FLOP/s and, with "
                     "--compare hf, the Hugging Face transformers peer run in the same process.")
     _add_model_args(bench)
-    bench.add_argument("--workload", default="single", choices=["single", "batch"],
+    bench.add_argument("--workload", default="single",
+                       choices=["single", "batch", "shared_prefix", "serve"],
                        help="single: 1 x 128-token prompt, 128 new tokens; batch: 32 prompts "
-                            "of 64-512 tokens, 64 new tokens each")
+                            "of 64-512 tokens, 64 new tokens each; shared_prefix: 32 prompts "
+                            "of one 512-token prefix + 32 own tokens, 16 new tokens, with and "
+                            "without prefix caching; serve: the OpenAI server on loopback "
+                            "under Poisson arrivals, and the long-prompt stall experiment")
+    bench.add_argument("--page-size", type=int, default=16,
+                       help="KV page size in tokens; --page-size equal to --max-model-len is "
+                            "the contiguous per-sequence layout (default 16)")
+    bench.add_argument("--kv-cache-tokens", type=int, default=None,
+                       help="KV pool size in tokens (default: 1 GiB worth)")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="token budget of one engine step (default 512)")
+    bench.add_argument("--rates", default=None,
+                       help="serve: comma-separated request rates per second, 'inf' for all "
+                            "at once (default 0.5,1,2,4,inf)")
+    bench.add_argument("--serve-part", default="both", choices=["both", "sweep", "stall"],
+                       help="serve: the rate sweep, the long-prompt stall experiment, or both")
     bench.add_argument("--compare", default=None, choices=["hf"],
                        help="also run Hugging Face transformers (torch) on the same model")
     bench.add_argument("--repeats", type=int, default=3,
@@ -116,7 +132,17 @@ def _bench(args: argparse.Namespace) -> int:
     from jaxinfer.bench import BenchOptions, run_benchmark
 
     options = BenchOptions(model=args.model, dtype=args.dtype, workload=args.workload,
-                           compare=args.compare, repeats=args.repeats, output=args.output)
+                           compare=args.compare, repeats=args.repeats, output=args.output,
+                           max_model_len=args.max_model_len, page_size=args.page_size,
+                           kv_cache_tokens=args.kv_cache_tokens,
+                           max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.workload == "serve":
+        from jaxinfer.bench_serve import parse_rates, run_serve_benchmark_from
+
+        run_serve_benchmark_from(options, rates=parse_rates(args.rates) if args.rates else None,
+                                 sweep=args.serve_part != "stall",
+                                 stall=args.serve_part != "sweep")
+        return 0
     run_benchmark(options)
     return 0
 

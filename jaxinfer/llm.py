@@ -226,7 +226,8 @@ class LLM:
         steps_before = self.core.steps
         wall_start = time.perf_counter()
         start = self._clock()
-        plan = plan_batch([ids for _, ids in encoded], max_new, self.core.page_size)
+        plan = plan_batch([ids for _, ids in encoded], max_new, self.core.page_size,
+                          share_prefixes=self.config.enable_prefix_caching)
         ids = {p.index: f"gen-{p.index}-{id(collected)}" for p in plan}
         held = [p for p in plan if p.leader is not None]
         try:

@@ -54,7 +54,9 @@ def test_mixed_prefill_and_decode_layout():
     assert b.max_query_len == 8  # bucket(5)
     assert not b.prefix_free and not b.is_decode
     assert b.num_decode == 0  # the single-token chunk is not leading: prefill section
-    assert b.shape_key == (16, 4, 2, 8, 0, 0, 0)
+    # Flat attention would score 16 x (16 + 2 history) elements, per-sequence 4 x 8 x 8.
+    assert not b.flat_prefill and len(b.hist_slots) == 0
+    assert b.shape_key == (16, 4, 2, 8, 0, 0, 0, 0)
 
     np.testing.assert_array_equal(b.tokens, [11, 12, 13, 14, 15, 21, 31, 32, 33] + [0] * 7)
     np.testing.assert_array_equal(b.positions, [0, 1, 2, 3, 4, 6, 2, 3, 4] + [0] * 7)
@@ -107,7 +109,7 @@ def test_page_copies():
                          page_copies=[(5, 9), (6, 10), (7, 11)])
     np.testing.assert_array_equal(b.copy_src, [5, 6, 7, 0])
     np.testing.assert_array_equal(b.copy_dst, [9, 10, 11, 16])  # padding: page 16 is out
-    assert b.shape_key[-1] == 4
+    assert b.shape_key[6] == 4
 
 
 def test_only_needed_pages_enter_the_page_table():
@@ -124,7 +126,7 @@ def test_min_buckets_raise_shapes():
     b = build_step_batch([SequenceChunk([5], 3, [1])], page_size=16, num_slots=NUM_SLOTS,
                          min_tokens=8, min_seqs=4, min_pages=2)
     # A decode-only batch has T == S == num_decode: the larger minimum sets all three.
-    assert b.shape_key == (8, 8, 2, 1, 0, 8, 0)
+    assert b.shape_key == (8, 8, 2, 1, 0, 8, 0, 0)
     np.testing.assert_array_equal(b.page_table, [[1, 0]] + [[0, 0]] * 7)
     np.testing.assert_array_equal(b.query_start, np.arange(9))
     np.testing.assert_array_equal(b.slot_mapping, [19] + [NUM_SLOTS] * 7)
@@ -137,22 +139,35 @@ def test_max_query_len_never_exceeds_tokens_bucket():
     assert b.max_query_len == 4 == len(b.tokens)
 
 
-# ---------------------------------------------------------------------------- prefix_free
-def test_prefix_free_when_every_chunk_starts_at_zero():
-    chunks = [SequenceChunk([1, 2, 3], 0, [0]), SequenceChunk([4, 5], 0, [1])]
-    assert build_step_batch(chunks, page_size=4, num_slots=NUM_SLOTS).prefix_free
+# ---------------------------------------------------------------------------- flat prefill
+def test_flat_prefill_for_one_long_chunk_from_zero():
+    # 8 tokens, 2 pages of 4: flat scores 8 x 8, per-sequence 1 x 8 x 8 (ties go flat).
+    b = build_step_batch([SequenceChunk(list(range(8)), 0, [0, 1])], page_size=4,
+                         num_slots=NUM_SLOTS)
+    assert b.flat_prefill and b.prefix_free and len(b.hist_slots) == 0
 
 
-def test_not_prefix_free_when_a_chunk_continues_a_sequence():
-    chunks = [SequenceChunk([1, 2, 3], 0, [0]), SequenceChunk([4, 5], 1, [1])]
-    assert not build_step_batch(chunks, page_size=4, num_slots=NUM_SLOTS).prefix_free
-
-
-def test_single_token_prompts_are_not_prefix_free():
-    # max_query_len == 1 is a decode-shaped step, even at position 0.
-    chunks = [SequenceChunk([1], 0, [0]), SequenceChunk([2], 0, [1])]
+def test_many_short_prompts_attend_per_sequence():
+    # 8 prompts of 4 tokens: flat would score 32 x 32 elements, per-sequence 8 x 4 x 4.
+    chunks = [SequenceChunk([1, 2, 3, 4], 0, [s]) for s in range(8)]
     b = build_step_batch(chunks, page_size=4, num_slots=NUM_SLOTS)
-    assert b.max_query_len == 1 and b.is_decode and not b.prefix_free
+    assert not b.flat_prefill and not b.prefix_free
+
+
+def test_flat_prefill_gathers_the_history_of_continuing_chunks():
+    page_size = 4
+    chunks = [SequenceChunk(list(range(13)), 5, [6, 1, 8, 2, 9]),  # positions 5..17
+              SequenceChunk([1, 2, 3], 0, [10])]
+    b = build_step_batch(chunks, page_size=page_size, num_slots=NUM_SLOTS)
+    # Flat scores 16 x (16 + 8 history), per-sequence 2 x 16 x 8 pages x 4.
+    assert b.flat_prefill and not b.prefix_free
+    assert len(b.hist_slots) == 8  # bucket(5)
+    pos = np.arange(5)
+    np.testing.assert_array_equal(b.hist_slots[:5],
+                                  np.array([6, 1])[pos // page_size] * page_size + pos % 4)
+    np.testing.assert_array_equal(b.hist_seq, [0] * 5 + [-1] * 3)  # prefill-section index
+    np.testing.assert_array_equal(b.hist_pos[:5], pos)
+    assert b.shape_key[-1] == 8 and b.shape_key[4] == 1
 
 
 # ---------------------------------------------------------------------------- decode
@@ -253,7 +268,7 @@ def test_property_layout_invariants(case):
         assert _is_pow2(s_bucket - D) and s_bucket - D >= len(prefill)
         assert b.max_query_len == min(bucket(max(lens[n_dec:])), t_bucket - D)
     assert b.shape_key == (t_bucket, s_bucket, p_bucket, b.max_query_len,
-                           int(b.prefix_free), D, 0)
+                           int(b.flat_prefill), D, 0, len(b.hist_slots))
     assert b.num_seqs == n and b.num_tokens == total
     assert b.positions.shape == b.slot_mapping.shape == (t_bucket,)
     assert b.query_start.shape == (s_bucket + 1,) and b.logits_indices.shape == (s_bucket,)
@@ -293,5 +308,21 @@ def test_property_layout_invariants(case):
     real = b.slot_mapping[sorted(real_tokens)]
     assert len(set(real.tolist())) == total and np.all((real >= 0) & (real < num_slots))
 
-    assert b.prefix_free == (bool(prefill) and b.max_query_len > 1
-                             and all(c.start == 0 for c in prefill))
+    # Flat prefill attention exactly when it scores fewer elements; its history lists
+    # every earlier token of the prefill sequences once, then padding.
+    history = sum(c.start for c in prefill)
+    n_hist = bucket(history) if history else 0
+    t_pre, s_pre = t_bucket - D, s_bucket - D
+    cheaper = t_pre * (t_pre + n_hist) <= s_pre * b.max_query_len * p_bucket * page_size
+    assert b.flat_prefill == (bool(prefill) and b.max_query_len > 1 and cheaper)
+    if b.flat_prefill:
+        assert len(b.hist_slots) == n_hist
+        listed = [(int(s), int(p)) for s, p in zip(b.hist_seq, b.hist_pos, strict=True)
+                  if s >= 0]
+        assert listed == [(j, p) for j, c in enumerate(prefill) for p in range(c.start)]
+        for j, p, slot in zip(b.hist_seq, b.hist_pos, b.hist_slots, strict=True):
+            if j >= 0:
+                pages = np.asarray(prefill[j].pages)
+                assert slot == pages[p // page_size] * page_size + p % page_size
+    else:
+        assert len(b.hist_slots) == 0

@@ -43,6 +43,12 @@ def _cpu_signature() -> str:
     return flags
 
 
+def linear_max_rows() -> int:
+    """Most rows for which the native matmul beats XLA's dot here: its AVX-512 register
+    tiles win up to 64 rows, the AVX2 fallback loop up to 16 (docs/architecture.md)."""
+    return 64 if " avx512f" in f" {_cpu_signature()} " else 16
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "jaxinfer" / "cpu_kernels"

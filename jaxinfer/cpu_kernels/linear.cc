@@ -63,6 +63,77 @@ inline void RowTimesTokens(const float* __restrict w, const float* __restrict x,
     out[t * out_stride] = sum;
   }
 }
+
+// Several tokens: an R x TT register tile (R weight rows by TT tokens). Each step over D
+// loads R weight vectors and TT token vectors for R * TT FMAs, so the loop is bound by
+// the FMA units rather than by loads; the weight rows stay in L1 across token tiles.
+template <int R, int TT>
+inline void Tile(const float* __restrict w, const float* __restrict x, int64_t d_size,
+                 float* y, int64_t out_stride) {
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= d_size; d += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * d_size + d);
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + t * d_size + d);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TT; ++t) {
+      float sum = _mm512_reduce_add_ps(acc[r][t]);
+      for (int64_t e = d; e < d_size; ++e) sum += w[r * d_size + e] * x[t * d_size + e];
+      y[t * out_stride + r] = sum;
+    }
+  }
+}
+
+constexpr int kTileRows = 4, kTileTokens = 6;
+
+template <int R>
+inline void TileTokens(const float* w, const float* x, int64_t d_size, int64_t tokens, float* y,
+                       int64_t out_stride) {
+  switch (tokens) {
+    case 1: Tile<R, 1>(w, x, d_size, y, out_stride); break;
+    case 2: Tile<R, 2>(w, x, d_size, y, out_stride); break;
+    case 3: Tile<R, 3>(w, x, d_size, y, out_stride); break;
+    case 4: Tile<R, 4>(w, x, d_size, y, out_stride); break;
+    case 5: Tile<R, 5>(w, x, d_size, y, out_stride); break;
+    default: Tile<R, 6>(w, x, d_size, y, out_stride); break;
+  }
+}
+
+// Rows [lo, hi) of W times tokens [t_lo, t_hi).
+inline void RowsTimesTokenBlock(const float* W, const float* X, int64_t D, int64_t T,
+                                int64_t N, int64_t lo, int64_t hi, float* Y) {
+  int64_t n = lo;
+  for (; n + kTileRows <= hi; n += kTileRows) {
+    for (int64_t t0 = 0; t0 < T; t0 += kTileTokens) {
+      TileTokens<kTileRows>(W + n * D, X + t0 * D, D, std::min<int64_t>(kTileTokens, T - t0),
+                            Y + t0 * N + n, N);
+    }
+  }
+  for (; n < hi; ++n) {
+    for (int64_t t0 = 0; t0 < T; t0 += kTileTokens) {
+      TileTokens<1>(W + n * D, X + t0 * D, D, std::min<int64_t>(kTileTokens, T - t0),
+                    Y + t0 * N + n, N);
+    }
+  }
+}
+// Rows [lo, hi) of W times all T tokens, in token blocks whose activations stay in L2
+// while the weight rows stream past them.
+inline void RowsTimesTokens(const float* W, const float* X, int64_t D, int64_t T, int64_t N,
+                            int64_t lo, int64_t hi, float* Y) {
+  const int64_t block = std::max<int64_t>(
+      kTileTokens, (int64_t{256} * 1024 / (4 * D)) / kTileTokens * kTileTokens);
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    RowsTimesTokenBlock(W, X + t0 * D, D, std::min(block, T - t0), N, lo, hi, Y + t0 * N);
+  }
+}
+#define JAXINFER_HAVE_TILES 1
 #elif defined(__AVX2__) && defined(__FMA__)
 inline float Sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -116,11 +187,18 @@ static ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x,      // [T, D]
   float* Y = y->typed_data();
 #pragma omp parallel
   {
+    bool continue_rows = true;
     // Contiguous row blocks per thread: each thread streams one region of the matrix.
     const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = (N + threads - 1) / threads;
     const int64_t lo = std::min<int64_t>(N, id * per), hi = std::min<int64_t>(N, lo + per);
-    for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
+#if defined(JAXINFER_HAVE_TILES)
+    if (T > 1) {
+      RowsTimesTokens(W, X, D, T, N, lo, hi, Y);
+      continue_rows = false;
+    }
+#endif
+    for (int64_t t0 = 0; continue_rows && t0 < T; t0 += kTokens) {
       const int64_t tokens = std::min<int64_t>(kTokens, T - t0);
       for (int64_t n = lo; n < hi; ++n) {
         RowTimesTokens(W + n * D, X + t0 * D, D, tokens, Y + t0 * N + n, N);

@@ -10,9 +10,44 @@
 #include <cstdint>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+namespace {
+
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t e = 0; e < n; e += 16) {
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), _mm512_loadu_ps(b + e), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t e = 0; e < n; ++e) acc += a[e] * b[e];
+  return acc;
+}
+
+inline void Axpy(float w, const float* __restrict x, float* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) y[e] += w * x[e];
+}
+
+// Ask for the cache lines of the slot a few positions ahead (past a page's end the address
+// may be unused, which prefetching tolerates).
+inline void Prefetch(const float* p, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+  }
+}
+
+}  // namespace
 
 static ffi::Error PagedDecodeAttentionImpl(
     ffi::Buffer<ffi::F32> q,            // [S, H, E]
@@ -54,36 +89,46 @@ static ffi::Error PagedDecodeAttentionImpl(
   // Masked scores use a large finite negative (the library is built with -ffast-math so
   // that expf vectorizes; infinities are not allowed there).
   constexpr float kMasked = -1e30f;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (parallel)
-  for (int64_t s = 0; s < S; ++s) {
-    for (int64_t kh = 0; kh < K; ++kh) {
-      float* o = O + (s * H + kh * G) * E;
-      std::fill(o, o + G * E, 0.0f);
+  const int64_t key_stride = K * E;  // floats between consecutive slots of one KV head
+  // A work item is one sequence with all its KV heads, so each cached slot (K * E
+  // contiguous floats) is read in one sequential sweep of the page: visiting one head at a
+  // time (a 1/K-strided read) was 1.6-2.5x slower, even with the heads spread over threads.
+  const int64_t heads_per_item = K;
+  const int64_t items = S * (K / heads_per_item);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t s = item / (K / heads_per_item);
+      const int64_t kh0 = item % (K / heads_per_item) * heads_per_item;
+      const int64_t nq = heads_per_item * G;  // query heads of this item
+      float* o = O + (s * H + kh0 * G) * E;
+      std::fill(o, o + nq * E, 0.0f);
       const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), P * C);
       if (len == 0) continue;
       const int64_t first = win > 0 ? std::max<int64_t>(0, len - win) : 0;
       const int64_t n_keys = len - first;
-      const float* qs = Q + (s * H + kh * G) * E;
-      // scores[g * n_keys + i]: one contiguous row per query head, so the exp vectorizes.
-      std::vector<float> scores(G * n_keys, kMasked);
-      for (int64_t i = 0; i < n_keys; ++i) {
-        const int64_t n = first + i;
-        const int32_t page = pt[s * P + n / C];
+      const float* qs = Q + (s * H + kh0 * G) * E;
+      // scores[h * n_keys + i]: one contiguous row per query head, so the exp vectorizes.
+      scores.assign(nq * n_keys, kMasked);
+      // Keys are visited page by page (no division per key).
+      for (int64_t p = first / C; p * C < len; ++p) {
+        const int32_t page = pt[s * P + p];
         if (page < 0 || page >= NP) continue;
-        const float* kv = KC + ((static_cast<int64_t>(page) * C + n % C) * K + kh) * E;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qs + g * E;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t e = 0; e < E; ++e) acc += qg[e] * kv[e];
-          acc *= sm_scale;
-          if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
-          scores[g * n_keys + i] = acc;
+        const float* base = KC + (static_cast<int64_t>(page) * C * K + kh0) * E;
+        const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
+        for (int64_t n = lo; n < hi; ++n) {
+          const float* row = base + (n - p * C) * key_stride;
+          for (int64_t h = 0; h < nq; ++h) {
+            float acc = Dot(qs + h * E, row + h / G * E, E) * sm_scale;
+            if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
+            scores[h * n_keys + (n - first)] = acc;
+          }
         }
       }
-      std::vector<float> inv_sum(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = scores.data() + g * n_keys;
+      for (int64_t h = 0; h < nq; ++h) {
+        float* row = scores.data() + h * n_keys;
         float mx = kMasked;
         for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, row[i]);
         float sum = 0.0f;
@@ -92,18 +137,20 @@ static ffi::Error PagedDecodeAttentionImpl(
           row[i] = std::exp(row[i] - mx);
           sum += row[i];
         }
-        inv_sum[g] = 1.0f / sum;
-      }
-      for (int64_t i = 0; i < n_keys; ++i) {
-        const int64_t n = first + i;
-        const int32_t page = pt[s * P + n / C];
-        if (page < 0 || page >= NP) continue;
-        const float* vv = VC + ((static_cast<int64_t>(page) * C + n % C) * K + kh) * E;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[g * n_keys + i] * inv_sum[g];
-          float* og = o + g * E;
+        const float inv = 1.0f / sum;
 #pragma omp simd
-          for (int64_t e = 0; e < E; ++e) og[e] += w * vv[e];
+        for (int64_t i = 0; i < n_keys; ++i) row[i] *= inv;
+      }
+      for (int64_t p = first / C; p * C < len; ++p) {
+        const int32_t page = pt[s * P + p];
+        if (page < 0 || page >= NP) continue;
+        const float* base = VC + (static_cast<int64_t>(page) * C * K + kh0) * E;
+        const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
+        for (int64_t n = lo; n < hi; ++n) {
+          const float* row = base + (n - p * C) * key_stride;
+          for (int64_t h = 0; h < nq; ++h) {
+            Axpy(scores[h * n_keys + (n - first)], row + h / G * E, o + h * E, E);
+          }
         }
       }
     }

@@ -37,13 +37,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def plan_batch(prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-               page_size: int) -> list[PlannedRequest]:
+               page_size: int, share_prefixes: bool = True) -> list[PlannedRequest]:
     """The admission order of an offline batch.
 
     Args:
       prompts: token ids per request.
       max_new_tokens: decode length per request (longer ones start first).
       page_size: shared prefixes shorter than a page are not worth a dependency.
+      share_prefixes: False plans the order only (every request computes its own prompt).
 
     Returns:
       Every request once, in the order to submit it; followers come right after their
@@ -55,7 +56,7 @@ def plan_batch(prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
     for i in order:
         if groups:
             common = min(shared[-1], _common_prefix(prompts[groups[-1][0]], prompts[i]))
-            if common >= page_size:
+            if share_prefixes and common >= page_size:
                 groups[-1].append(i)
                 shared[-1] = common
                 continue

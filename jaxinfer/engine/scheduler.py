@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping
 
-from jaxinfer.batch import SequenceChunk
+from jaxinfer.batch import SequenceChunk, bucket
 from jaxinfer.cache.allocator import PageAllocator
 from jaxinfer.engine.request import Request, RequestStatus, is_length_limited
 from jaxinfer.errors import CapacityError, InputError
@@ -294,6 +294,11 @@ class Scheduler:
         alone = not self.config.enable_chunked_prefill and self._schedule_prompt_alone(step)
         if not alone:
             self._schedule_running(step, decodes=True)
+            # The decode section is padded to a power of two (`build_step_batch`): charge
+            # the padding so that decodes + prefill chunks stay inside the budget's bucket
+            # instead of spilling into one twice its size.
+            if num_decodes := len(step.entries):
+                step.budget = max(0, step.budget - (bucket(num_decodes) - num_decodes))
             self._schedule_running(step, decodes=False)
             # Pages are short when someone was just preempted: admitting now would only
             # preempt again (and could re-admit the request just preempted).

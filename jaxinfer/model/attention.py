@@ -54,8 +54,8 @@ def attention(
         parts.append(_decode(cfg, q[:D], k_cache, v_cache, layer, batch.kv_lens[:D],
                              batch.page_table[:D], sliding_window))
     if D < T:
-        parts.append(_prefill(cfg, q[D:], k[D:], v[D:], k_cache[layer], v_cache[layer],
-                              batch, sliding_window))
+        parts.append(_prefill(cfg, q[D:], k[D:], v[D:], k_cache, v_cache, layer, batch,
+                              sliding_window))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
@@ -75,16 +75,23 @@ def _decode(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
         sliding_window=window, soft_cap=cfg.attn_logit_softcap)
 
 
-def _prefill(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
-             v_pages: jax.Array, batch: Batch, window: jax.Array | None) -> jax.Array:
+def _prefill(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+             v_cache: jax.Array, layer: jax.Array, batch: Batch,
+             window: jax.Array | None) -> jax.Array:
     """The prefill section: its own tokens, sequences from `num_decode` on."""
     D = batch.num_decode
     query_start = batch.query_start[D:] - D
-    if batch.prefix_free:
+    if batch.flat_prefill:
+        history = {}
+        if batch.hist_slots is not None:
+            C = k_cache.shape[2]
+            page, offset = batch.hist_slots // C, batch.hist_slots % C
+            history = dict(k_hist=k_cache[layer, page, offset], v_hist=v_cache[layer, page, offset],
+                           hist_seq=batch.hist_seq, hist_pos=batch.hist_pos)
         return causal_prefill_attention_reference(
             q, k, v, batch.positions[D:], query_start, sm_scale=cfg.attention_scale,
-            sliding_window=window, soft_cap=cfg.attn_logit_softcap)
+            sliding_window=window, soft_cap=cfg.attn_logit_softcap, **history)
     return ragged_paged_attention_reference(
-        q, k_pages, v_pages, batch.kv_lens[D:], batch.page_table[D:], query_start,
+        q, k_cache[layer], v_cache[layer], batch.kv_lens[D:], batch.page_table[D:], query_start,
         max_query_len=batch.max_query_len, sm_scale=cfg.attention_scale,
         sliding_window=window, soft_cap=cfg.attn_logit_softcap)

@@ -38,8 +38,11 @@ class Batch:
     logits_indices: Any  # [S] int32
     copy_src: Any = None  # [N] int32 pages to copy before the step (copy-on-write)
     copy_dst: Any = None  # [N] int32 (padding: out of range, dropped)
+    hist_slots: Any = None  # [N] int32 history keys of a flat prefill section
+    hist_seq: Any = None  # [N] int32
+    hist_pos: Any = None  # [N] int32
     max_query_len: int = flax.struct.field(pytree_node=False, default=1)
-    prefix_free: bool = flax.struct.field(pytree_node=False, default=False)
+    flat_prefill: bool = flax.struct.field(pytree_node=False, default=False)
     num_decode: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
@@ -52,13 +55,16 @@ class Batch:
             logits_indices=step.logits_indices,
             copy_src=step.copy_src if len(step.copy_src) else None,
             copy_dst=step.copy_dst if len(step.copy_dst) else None,
-            max_query_len=step.max_query_len, prefix_free=step.prefix_free,
+            hist_slots=step.hist_slots if len(step.hist_slots) else None,
+            hist_seq=step.hist_seq if len(step.hist_seq) else None,
+            hist_pos=step.hist_pos if len(step.hist_pos) else None,
+            max_query_len=step.max_query_len, flat_prefill=step.flat_prefill,
             num_decode=step.num_decode,
         )
 
 
 # Row counts up to which the native CPU matmul beats XLA:CPU's dot (docs/architecture.md).
-_NATIVE_MATMUL_MAX_ROWS = 16
+_NATIVE_MATMUL_MAX_ROWS = cpu_kernels.linear_max_rows()
 
 
 def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array) -> jax.Array:

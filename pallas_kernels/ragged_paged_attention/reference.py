@@ -100,14 +100,24 @@ def causal_prefill_attention_reference(
     sm_scale: float,
     sliding_window: int | jax.Array | None = None,
     soft_cap: float | None = None,
+    k_hist: jax.Array | None = None,
+    v_hist: jax.Array | None = None,
+    hist_seq: jax.Array | None = None,
+    hist_pos: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal attention of a prefix-free ragged batch over its own keys and values.
+    """Flat causal attention of a ragged batch over its own keys plus gathered history.
 
-    Every sequence starts at position 0 in this step, so no page needs reading: tokens attend
-    to earlier tokens of the same sequence in the flat stream (block-diagonal causal mask).
+    Tokens attend to earlier tokens of the same sequence in the flat stream (block-diagonal
+    causal mask) and, when given, to history keys: the cached tokens of sequences that
+    started before this step, gathered into one flat list tagged with their sequence. The
+    cost is T x (T + history), with no per-sequence padding (the general ragged path costs
+    S x max_query_len x pages).
 
     Args:
       q: [T, H, E]; k, v: [T, K, E]; positions: [T]; query_start: [S+1] as above.
+      k_hist, v_hist: [N, K, E] history keys/values (all four history arguments or none).
+      hist_seq: [N] sequence index of each history key (-1: padding).
+      hist_pos: [N] its position.
 
     Returns:
       [T, H, E]; rows of padding tokens are zero.
@@ -119,10 +129,17 @@ def causal_prefill_attention_reference(
     # Sequence of each token: the last s with query_start[s] <= t (padding: past the end).
     seq = jnp.sum(index[:, None] >= query_start[None, 1:].astype(jnp.int32), axis=1)
     valid = index < query_start[-1]
-    mask = (seq[:, None] == seq[None, :]) & (positions[None, :] <= positions[:, None])
-    mask &= valid[:, None] & valid[None, :]
+    key_seq = jnp.where(valid, seq, -1)
+    key_pos = positions
+    if k_hist is not None:
+        k = jnp.concatenate([k, k_hist.astype(k.dtype)], axis=0)
+        v = jnp.concatenate([v, v_hist.astype(v.dtype)], axis=0)
+        key_seq = jnp.concatenate([key_seq, hist_seq.astype(jnp.int32)])
+        key_pos = jnp.concatenate([key_pos, hist_pos.astype(key_pos.dtype)])
+    mask = (seq[:, None] == key_seq[None, :]) & (key_pos[None, :] <= positions[:, None])
+    mask &= valid[:, None]
     if sliding_window is not None:
-        mask &= (positions[:, None] - positions[None, :]) < sliding_window
+        mask &= (positions[:, None] - key_pos[None, :]) < sliding_window
     qs = q.reshape(T, K, G, E)
     scores = jnp.einsum("tkge,ske->ktgs", qs, k, preferred_element_type=jnp.float32)
     probs = _masked_softmax(scores, mask[None, :, None, :], sm_scale, soft_cap)

@@ -125,3 +125,37 @@ def test_prefix_free_path_matches_oracle(window):
     expected = oracle(q, kp, vp, kv[:3], pt, q_lens, 0.3, window)
     np.testing.assert_allclose(got[:T], expected[:T], atol=2e-5, rtol=1e-5)
     assert np.all(got[T:] == 0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flat_path_with_history_matches_oracle(case, window):
+    """Chunks continuing a sequence: this step's keys plus the earlier ones, gathered flat
+    from the pages and tagged with their sequence (padding entries tagged -1)."""
+    q_lens, kv_lens = CASES[case]
+    rng = np.random.default_rng(hash(case) % 2**32 + 1)
+    q, kp, vp, kv, pt, qs = make_case(rng, q_lens, kv_lens)
+    T = sum(q_lens)
+    k = np.zeros((len(q), K, E), np.float32)
+    v = np.zeros((len(q), K, E), np.float32)
+    positions = np.zeros(len(q), np.int32)
+    hist_k, hist_v, hist_seq, hist_pos = [], [], [], []
+    t = 0
+    for s, (n_q, n_kv) in enumerate(zip(q_lens, kv_lens, strict=True)):
+        for p in range(n_kv):
+            key, value = kp[pt[s][p // C], p % C], vp[pt[s][p // C], p % C]
+            if p < n_kv - n_q:
+                hist_k.append(key), hist_v.append(value), hist_seq.append(s), hist_pos.append(p)
+            else:
+                k[t], v[t], positions[t] = key, value, p
+                t += 1
+    for _ in range(3):  # padding history entries must be ignored
+        hist_k.append(np.full((K, E), 9.0, np.float32)), hist_v.append(hist_k[-1])
+        hist_seq.append(-1), hist_pos.append(0)
+    got = np.asarray(causal_prefill_attention_reference(
+        q, k, v, positions, qs, sm_scale=0.3, sliding_window=window,
+        k_hist=np.stack(hist_k), v_hist=np.stack(hist_v),
+        hist_seq=np.array(hist_seq, np.int32), hist_pos=np.array(hist_pos, np.int32)))
+    expected = oracle(q, kp, vp, kv[:len(kv_lens)], pt, q_lens, 0.3, window)
+    np.testing.assert_allclose(got[:T], expected[:T], atol=2e-5, rtol=1e-5)
+    assert np.all(got[T:] == 0)

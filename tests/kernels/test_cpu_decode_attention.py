@@ -17,9 +17,10 @@ def built():
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("cap", [None, 3.0])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)])
-def test_matches_reference(window, cap, heads):
+@pytest.mark.parametrize("E", [16, 20, 64])  # vector-width multiples and not
+def test_matches_reference(window, cap, heads, E):
     H, K = heads
-    L, NP, C, E = 3, 128, 4, 16
+    L, NP, C = 3, 128, 4
     kv_lens = np.array([1, 4, 5, 23, 64, 0], np.int32)  # page boundaries, a padding slot
     S = len(kv_lens)
     P = 16

@@ -13,7 +13,9 @@ def built():
     assert cpu_kernels.available(), "the native CPU kernels failed to build (see the log)"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+# Row counts cover every token-tile width (1-6), several tiles, and (200 at 576 inputs)
+# more than one L2 token block.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 32, 61, 64, 200])
 @pytest.mark.parametrize("in_features", [64, 100, 576])  # multiples of the vector width, and not
 def test_linear_matches_float64(rows, in_features):
     rng = np.random.default_rng(rows * 1000 + in_features)
