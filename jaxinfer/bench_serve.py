@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.bench import (
     BATCH_NEW,
+    batch_prompts,
     device_name,
     measure_peaks,
     random_prompt,
@@ -145,9 +146,7 @@ def parse_rates(text: str) -> tuple[float, ...]:
 def serve_prompts(num_requests: int) -> list[list[int]]:
     """The `batch` prompts extended to `num_requests`: lengths `Random(7).randrange(64, 513)`,
     prompt i seeded i (the first 32 are `bench.batch_prompts()`)."""
-    lengths = random.Random(7)
-    sizes = [lengths.randrange(64, 513) for _ in range(num_requests)]
-    return [random_prompt(i, n) for i, n in enumerate(sizes)]
+    return batch_prompts(num_requests)
 
 
 def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[float]:

@@ -1,0 +1,75 @@
+"""Benchmark inputs follow BENCHMARKS.md exactly (every system must see the same tokens),
+and the cost model counts what the workloads compute. No timing here: benchmarks are run
+by `jaxinfer bench`, not by the tests."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from jaxinfer import bench, bench_serve
+from jaxinfer.config import ModelConfig
+
+
+def test_workload_inputs_follow_benchmarks_md():
+    (single,), new = bench.workload_inputs("single")
+    rng = random.Random(1)
+    assert single == [rng.randrange(100, 49000) for _ in range(128)] and new == 128
+
+    prompts, new = bench.workload_inputs("batch")
+    sizes = random.Random(7)
+    assert [len(p) for p in prompts] == [sizes.randrange(64, 513) for _ in range(32)]
+    assert prompts[5] == bench.random_prompt(5, len(prompts[5])) and new == 64
+    assert sum(map(len, prompts)) == 7603  # BENCHMARKS.md: 7,603 prompt tokens
+
+    prompts, new = bench.workload_inputs("shared_prefix")
+    prefix = bench.random_prompt(11, 512)
+    assert len(prompts) == 32 and new == 16
+    for i, p in enumerate(prompts):
+        assert p[:512] == prefix and p[512:] == bench.random_prompt(100 + i, 32)
+
+    with pytest.raises(ValueError, match="unknown workload"):
+        bench.workload_inputs("nope")
+
+
+def test_serve_requests_extend_the_batch_workload():
+    prompts = bench_serve.serve_prompts(64)
+    assert len(prompts) == 64 and prompts[:32] == bench.batch_prompts()
+    assert all(64 <= len(p) <= 512 for p in prompts)
+
+
+def test_poisson_arrivals():
+    arrivals = bench_serve.poisson_arrivals(4000, 2.0, seed=0)
+    assert arrivals == sorted(arrivals) and arrivals[0] >= 0
+    gaps = np.diff([0.0, *arrivals])
+    assert abs(gaps.mean() - 0.5) < 0.03  # exponential gaps of mean 1 / rate
+    assert bench_serve.poisson_arrivals(4000, 2.0, seed=0) == arrivals
+    assert bench_serve.poisson_arrivals(5, math.inf) == [0.0] * 5  # all at once
+
+
+def test_parse_rates():
+    assert bench_serve.parse_rates("0.5, 1,inf") == (0.5, 1.0, math.inf)
+    for bad in ("", "0", "-1", "fast"):
+        with pytest.raises(ValueError):
+            bench_serve.parse_rates(bad)
+
+
+def test_flop_model_matches_benchmarks_md(monkeypatch):
+    cfg = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                      max_position_embeddings=8192)
+    # ~0.213 GFLOP per prompt token without the LM head; ~0.27 with it (a generated token).
+    assert bench.matmul_flops_per_token(cfg) / 1e9 == pytest.approx(0.213, abs=0.003)
+    assert (bench.matmul_flops_per_token(cfg) + bench.head_flops(cfg)) / 1e9 == \
+        pytest.approx(0.27, abs=0.005)
+    prompts, new = bench.workload_inputs("batch")
+    total = bench.workload_flops(cfg, prompts, new)
+    # BENCHMARKS.md: 1.62 TFLOP of prefill + 0.55 of decode, counting the matmuls; our count
+    # adds attention (q.k and p.v), so compute_util is measured against more work.
+    monkeypatch.setattr(bench, "attention_flops", lambda cfg, context: 0.0)
+    matmuls = bench.workload_flops(cfg, prompts, new)
+    assert matmuls / 1e12 == pytest.approx(2.17, abs=0.02)
+    assert 0.03 < (total - matmuls) / 1e12 < 0.15
