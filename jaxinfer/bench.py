@@ -250,7 +250,7 @@ def _median_run(system: Any, prompts: list[list[int]], new_tokens: int,
     keys = ("ttft_s", "decode_s", "wall_s")
     result: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     result["tokens"] = runs[-1]["tokens"]
-    result["cached_tokens"] = runs[-1]["cached_tokens"]
+    result["cached_tokens"] = runs[-1].get("cached_tokens", 0)
     return result
 
 

@@ -73,3 +73,16 @@ def test_flop_model_matches_benchmarks_md(monkeypatch):
     matmuls = bench.workload_flops(cfg, prompts, new)
     assert matmuls / 1e12 == pytest.approx(2.17, abs=0.02)
     assert 0.03 < (total - matmuls) / 1e12 < 0.15
+
+
+def test_median_run_reports_the_median_and_takes_peers_without_cache_counts():
+    class Peer:
+        name = "peer"
+        walls = iter([9.0, 3.0, 1.0, 2.0])  # the first call is the untimed warm-up
+
+        def run(self, prompts, new_tokens):
+            return {"ttft_s": 0.1, "decode_s": 1.0, "wall_s": next(self.walls),
+                    "tokens": [[1, 2]]}
+
+    result = bench._median_run(Peer(), [[5]], 2, repeats=3)
+    assert result["wall_s"] == 2.0 and result["cached_tokens"] == 0

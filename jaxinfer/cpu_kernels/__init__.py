@@ -28,7 +28,7 @@ from jaxinfer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.cc", "linear.cc")
-_TARGET = "jaxinfer_paged_decode_attention"
+_TARGET = "jaxinfer_ragged_paged_attention"
 _LINEAR = "jaxinfer_linear"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -98,7 +98,7 @@ def available() -> bool:
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build()))
                 jax.ffi.register_ffi_target(
-                    _TARGET, jax.ffi.pycapsule(library.PagedDecodeAttention), platform="cpu")
+                    _TARGET, jax.ffi.pycapsule(library.RaggedPagedAttention), platform="cpu")
                 jax.ffi.register_ffi_target(
                     _LINEAR, jax.ffi.pycapsule(library.Linear), platform="cpu")
                 _state["library"] = library
@@ -109,24 +109,28 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
-def paged_decode_attention(
+def ragged_paged_attention(
     q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
-    page_table: jax.Array, layer: jax.Array | int, window: jax.Array | int | None, *,
-    sm_scale: float, soft_cap: float | None = None,
+    page_table: jax.Array, query_start: jax.Array, layer: jax.Array | int,
+    window: jax.Array | int | None, *, sm_scale: float, soft_cap: float | None = None,
 ) -> jax.Array:
-    """Decode attention, token s of sequence s, read in place from the stacked cache.
+    """Causal attention of ragged query tokens over the paged cache, read in place.
+
+    Sequence s owns tokens [query_start[s], query_start[s+1]) of q, at the last positions
+    of its kv_lens[s] cached tokens (their own keys are already in the cache).
 
     Args:
-      q: [S, H, E] float32 queries.
+      q: [T, H, E] float32 queries.
       k_cache, v_cache: [L, NP, C, K, E] float32, the whole stacked cache.
-      kv_lens: [S] tokens in cache per sequence (the query sits at kv_len - 1; 0: padding).
+      kv_lens: [S] tokens in cache per sequence after this step (0: padding).
       page_table: [S, P] page ids.
+      query_start: [S + 1] int32 cumulative query offsets.
       layer: which layer's pages to read.
       window: sliding window (keys at distance >= window are masked); None or <= 0: none.
       sm_scale, soft_cap: softmax scale and optional tanh soft cap.
 
     Returns:
-      [S, H, E] float32; zero rows for padding sequences.
+      [T, H, E] float32; zero rows for tokens of no sequence (padding).
     """
     if not available():
         raise RuntimeError(
@@ -135,8 +139,21 @@ def paged_decode_attention(
     window = 0 if window is None else window
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_cache, v_cache, kv_lens.astype(jnp.int32), page_table.astype(jnp.int32),
-                jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32),
+                query_start.astype(jnp.int32), jnp.asarray(layer, jnp.int32),
+                jnp.asarray(window, jnp.int32),
                 sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def paged_decode_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_lens: jax.Array,
+    page_table: jax.Array, layer: jax.Array | int, window: jax.Array | int | None, *,
+    sm_scale: float, soft_cap: float | None = None,
+) -> jax.Array:
+    """Decode attention (token s of sequence s): `ragged_paged_attention` with one query
+    per sequence. q is [S, H, E]; returns [S, H, E], zero rows for padding sequences."""
+    query_start = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return ragged_paged_attention(q, k_cache, v_cache, kv_lens, page_table, query_start,
+                                  layer, window, sm_scale=sm_scale, soft_cap=soft_cap)
 
 
 def linear(x: jax.Array, w_stacked: jax.Array, layer: jax.Array | int) -> jax.Array:

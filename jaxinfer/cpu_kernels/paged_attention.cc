@@ -1,10 +1,12 @@
-// Decode attention over a paged KV cache for XLA:CPU, called through jax.ffi.
+// Ragged paged attention for XLA:CPU, called through jax.ffi: decode tokens and short
+// prefill chunks.
 //
-// One query token per sequence (token s belongs to sequence s). Keys and values are read in
-// place from the stacked cache [L, NP, C, K, E] at `layer`, each exactly once per KV head,
-// with the G query heads of that KV head (GQA) computed together. XLA:CPU has to gather the
-// pages into a padded copy and then runs the small batched dots at a few GFLOP/s; this
-// loop is bound by reading the cache instead.
+// Sequence s owns query tokens [query_start[s], query_start[s+1]) at the last positions of
+// its kv_lens[s] cached tokens (causal; the step's own keys are already in the cache).
+// Keys and values are read in place from the stacked cache [L, NP, C, K, E] at `layer`,
+// each cached slot once per sequence for all its query tokens and heads (GQA: the G query
+// heads of a KV head share its row). XLA:CPU has to gather the pages into a padded copy and
+// then runs small batched dots at a few GFLOP/s; this loop is bound by reading the cache.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -49,28 +51,30 @@ inline void Prefetch(const float* p, int64_t floats) {
 
 }  // namespace
 
-static ffi::Error PagedDecodeAttentionImpl(
-    ffi::Buffer<ffi::F32> q,            // [S, H, E]
+static ffi::Error RaggedPagedAttentionImpl(
+    ffi::Buffer<ffi::F32> q,            // [T, H, E]
     ffi::Buffer<ffi::F32> k_cache,      // [L, NP, C, K, E]
     ffi::Buffer<ffi::F32> v_cache,      // [L, NP, C, K, E]
     ffi::Buffer<ffi::S32> kv_lens,      // [S]
     ffi::Buffer<ffi::S32> page_table,   // [S, P]
+    ffi::Buffer<ffi::S32> query_start,  // [S + 1]
     ffi::Buffer<ffi::S32> layer,        // []
     ffi::Buffer<ffi::S32> window,       // []: keys at distance >= window are masked
-    ffi::ResultBuffer<ffi::F32> out,    // [S, H, E]
+    ffi::ResultBuffer<ffi::F32> out,    // [T, H, E]
     float sm_scale, float soft_cap) {
   auto qd = q.dimensions();
   auto kd = k_cache.dimensions();
   if (qd.size() != 3 || kd.size() != 5 || page_table.dimensions().size() != 2) {
-    return ffi::Error::InvalidArgument("paged_decode_attention: bad ranks");
+    return ffi::Error::InvalidArgument("ragged_paged_attention: bad ranks");
   }
-  const int64_t S = qd[0], H = qd[1], E = qd[2];
+  const int64_t T = qd[0], H = qd[1], E = qd[2];
   const int64_t L = kd[0], NP = kd[1], C = kd[2], K = kd[3];
+  const int64_t S = kv_lens.dimensions()[0];
   const int64_t P = page_table.dimensions()[1];
   const int64_t G = H / K;
-  if (kd[4] != E || H % K != 0 || kv_lens.dimensions()[0] != S ||
-      page_table.dimensions()[0] != S) {
-    return ffi::Error::InvalidArgument("paged_decode_attention: inconsistent shapes");
+  if (kd[4] != E || H % K != 0 || page_table.dimensions()[0] != S ||
+      query_start.dimensions()[0] != S + 1) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention: inconsistent shapes");
   }
   const int32_t l = layer.typed_data()[0];
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("layer index out of range");
@@ -80,7 +84,9 @@ static ffi::Error PagedDecodeAttentionImpl(
   const float* VC = v_cache.typed_data() + static_cast<int64_t>(l) * NP * C * K * E;
   const int32_t* lens = kv_lens.typed_data();
   const int32_t* pt = page_table.typed_data();
+  const int32_t* qs = query_start.typed_data();
   float* O = out->typed_data();
+  std::fill(O, O + T * H * E, 0.0f);  // padding tokens stay zero
 
   // Threads pay off only with enough keys to read; small decode steps run on the caller.
   int64_t work = 0;
@@ -89,67 +95,77 @@ static ffi::Error PagedDecodeAttentionImpl(
   // Masked scores use a large finite negative (the library is built with -ffast-math so
   // that expf vectorizes; infinities are not allowed there).
   constexpr float kMasked = -1e30f;
-  const int64_t key_stride = K * E;  // floats between consecutive slots of one KV head
-  // A work item is one sequence with all its KV heads, so each cached slot (K * E
-  // contiguous floats) is read in one sequential sweep of the page: visiting one head at a
-  // time (a 1/K-strided read) was 1.6-2.5x slower, even with the heads spread over threads.
-  const int64_t heads_per_item = K;
-  const int64_t items = S * (K / heads_per_item);
+  const int64_t key_stride = K * E;  // floats between consecutive cached slots
+  // One work item per sequence with all its heads, so each cached slot (K * E contiguous
+  // floats) is read in one sequential sweep of the page: visiting one KV head at a time (a
+  // 1/K-strided read) was 1.6-2.5x slower, even with the heads spread over threads.
 #pragma omp parallel if (parallel)
   {
     std::vector<float> scores;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t s = item / (K / heads_per_item);
-      const int64_t kh0 = item % (K / heads_per_item) * heads_per_item;
-      const int64_t nq = heads_per_item * G;  // query heads of this item
-      float* o = O + (s * H + kh0 * G) * E;
-      std::fill(o, o + nq * E, 0.0f);
+    for (int64_t s = 0; s < S; ++s) {
       const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), P * C);
-      if (len == 0) continue;
-      const int64_t first = win > 0 ? std::max<int64_t>(0, len - win) : 0;
+      const int64_t t0 = std::clamp<int64_t>(qs[s], 0, T);
+      const int64_t nt = std::clamp<int64_t>(qs[s + 1], t0, T) - t0;
+      if (len == 0 || nt == 0) continue;
+      const int64_t pos0 = len - nt;  // position of the first query token (may be < 0)
+      // Keys any query of this sequence may see: [first, len).
+      const int64_t first = win > 0 ? std::max<int64_t>(0, pos0 - win + 1) : 0;
       const int64_t n_keys = len - first;
-      const float* qs = Q + (s * H + kh0 * G) * E;
-      // scores[h * n_keys + i]: one contiguous row per query head, so the exp vectorizes.
-      scores.assign(nq * n_keys, kMasked);
-      // Keys are visited page by page (no division per key).
+      // scores[(i * H + h) * n_keys + key]: a contiguous row per (query, head).
+      scores.assign(nt * H * n_keys, kMasked);
+      // Query i sees key n when pos0 + i >= n and (no window or pos0 + i - n < win).
+      auto query_range = [&](int64_t n, int64_t* lo, int64_t* hi) {
+        *lo = std::max<int64_t>(0, n - pos0);
+        *hi = win > 0 ? std::min<int64_t>(nt, n - pos0 + win) : nt;
+      };
       for (int64_t p = first / C; p * C < len; ++p) {
         const int32_t page = pt[s * P + p];
         if (page < 0 || page >= NP) continue;
-        const float* base = KC + (static_cast<int64_t>(page) * C * K + kh0) * E;
+        const float* base = KC + static_cast<int64_t>(page) * C * key_stride;
         const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
         for (int64_t n = lo; n < hi; ++n) {
           const float* row = base + (n - p * C) * key_stride;
-          for (int64_t h = 0; h < nq; ++h) {
-            float acc = Dot(qs + h * E, row + h / G * E, E) * sm_scale;
-            if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
-            scores[h * n_keys + (n - first)] = acc;
+          int64_t i_lo, i_hi;
+          query_range(n, &i_lo, &i_hi);
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const float* qi = Q + (t0 + i) * H * E;
+            float* sc = scores.data() + i * H * n_keys + (n - first);
+            for (int64_t h = 0; h < H; ++h) {
+              float acc = Dot(qi + h * E, row + h / G * E, E) * sm_scale;
+              if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
+              sc[h * n_keys] = acc;
+            }
           }
         }
       }
-      for (int64_t h = 0; h < nq; ++h) {
-        float* row = scores.data() + h * n_keys;
+      for (int64_t r = 0; r < nt * H; ++r) {
+        float* row = scores.data() + r * n_keys;
         float mx = kMasked;
         for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, row[i]);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n_keys; ++i) {
-          row[i] = std::exp(row[i] - mx);
+          row[i] = std::exp(row[i] - mx);  // masked entries underflow to 0
           sum += row[i];
         }
-        const float inv = 1.0f / sum;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
 #pragma omp simd
         for (int64_t i = 0; i < n_keys; ++i) row[i] *= inv;
       }
       for (int64_t p = first / C; p * C < len; ++p) {
         const int32_t page = pt[s * P + p];
         if (page < 0 || page >= NP) continue;
-        const float* base = VC + (static_cast<int64_t>(page) * C * K + kh0) * E;
+        const float* base = VC + static_cast<int64_t>(page) * C * key_stride;
         const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
         for (int64_t n = lo; n < hi; ++n) {
           const float* row = base + (n - p * C) * key_stride;
-          for (int64_t h = 0; h < nq; ++h) {
-            Axpy(scores[h * n_keys + (n - first)], row + h / G * E, o + h * E, E);
+          int64_t i_lo, i_hi;
+          query_range(n, &i_lo, &i_hi);
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const float* sc = scores.data() + i * H * n_keys + (n - first);
+            float* o = O + (t0 + i) * H * E;
+            for (int64_t h = 0; h < H; ++h) Axpy(sc[h * n_keys], row + h / G * E, o + h * E, E);
           }
         }
       }
@@ -159,11 +175,12 @@ static ffi::Error PagedDecodeAttentionImpl(
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PagedDecodeAttention, PagedDecodeAttentionImpl,
+    RaggedPagedAttention, RaggedPagedAttentionImpl,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::S32>>()

@@ -38,3 +38,31 @@ def test_matches_reference(window, cap, heads, E):
         sm_scale=0.25, sliding_window=window, soft_cap=cap))
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
     assert np.all(got[5] == 0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cap", [None, 3.0])
+@pytest.mark.parametrize("heads", [(6, 2), (8, 1)])
+@pytest.mark.parametrize("E", [16, 20])
+def test_ragged_chunks_match_reference(window, cap, heads, E):
+    """Prefill chunks continuing a prefix, a chunk from position 0, decodes, an empty
+    sequence, padding tokens and a padding sequence."""
+    H, K = heads
+    L, NP, C, P = 2, 128, 4, 16
+    q_lens = np.array([3, 1, 7, 0, 1, 5, 0], np.int32)
+    kv_lens = np.array([9, 4, 7, 0, 23, 61, 0], np.int32)  # chunk from 0: 7 of 7
+    T = int(q_lens.sum()) + 3  # three padding tokens
+    rng = np.random.default_rng(H * 100 + E)
+    k_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
+    v_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
+    q = rng.standard_normal((T, H, E)).astype(np.float32)
+    page_table = rng.permutation(NP)[: len(kv_lens) * P].reshape(-1, P).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    got = np.asarray(cpu_kernels.ragged_paged_attention(
+        q, k_cache, v_cache, kv_lens, page_table, query_start, 1, window, sm_scale=0.25,
+        soft_cap=cap))
+    expected = np.asarray(ragged_paged_attention_reference(
+        q, k_cache[1], v_cache[1], kv_lens, page_table, query_start, max_query_len=8,
+        sm_scale=0.25, sliding_window=window, soft_cap=cap))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
+    assert np.all(got[query_start[-1]:] == 0)
