@@ -122,9 +122,26 @@ static ffi::Error RaggedPagedAttentionImpl(
   float* O = out->typed_data();
   std::fill(O, O + T * H * E, 0.0f);  // padding tokens stay zero
 
-  // Threads pay off only with enough keys to read; small decode steps run on the caller.
-  int64_t work = 0;
-  for (int64_t s = 0; s < S; ++s) work += std::max<int32_t>(lens[s], 0);
+  // Work items: a sequence's query tokens in blocks of kQueryBlock, so that a long chunk is
+  // spread over the threads (each block reads the keys its queries see). A block's queries
+  // are the last ones of its first `len` keys, like a whole sequence's.
+  constexpr int64_t kQueryBlock = 4;
+  struct Item { int64_t s, t0, nt, len; };
+  std::vector<Item> items;
+  int64_t work = 0;  // key rows x queries: threads pay off only with enough of them
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), P * C);
+    const int64_t t0 = std::clamp<int64_t>(qs[s], 0, T);
+    const int64_t nt = std::clamp<int64_t>(qs[s + 1], t0, T) - t0;
+    if (len == 0 || nt == 0) continue;
+    for (int64_t lo = 0; lo < nt; lo += kQueryBlock) {
+      const int64_t hi = std::min(nt, lo + kQueryBlock);
+      const int64_t block_len = len - nt + hi;
+      if (block_len <= 0) continue;  // queries before position 0 see nothing
+      items.push_back({s, t0 + lo, hi - lo, block_len});
+      work += block_len * (hi - lo);
+    }
+  }
   const bool parallel = work * K * E >= (int64_t{1} << 20);
   // Masked scores use a large finite negative (the library is built with -ffast-math so
   // that expf vectorizes; infinities are not allowed there).
@@ -138,11 +155,9 @@ static ffi::Error RaggedPagedAttentionImpl(
     std::vector<float> scores;
     std::vector<const float*> vrows;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), P * C);
-      const int64_t t0 = std::clamp<int64_t>(qs[s], 0, T);
-      const int64_t nt = std::clamp<int64_t>(qs[s + 1], t0, T) - t0;
-      if (len == 0 || nt == 0) continue;
+    for (int64_t item = 0; item < static_cast<int64_t>(items.size()); ++item) {
+      const int64_t s = items[item].s, t0 = items[item].t0, nt = items[item].nt;
+      const int64_t len = items[item].len;
       const int64_t pos0 = len - nt;  // position of the first query token (may be < 0)
       // Keys any query of this sequence may see: [first, len).
       const int64_t first = win > 0 ? std::max<int64_t>(0, pos0 - win + 1) : 0;
