@@ -2,9 +2,9 @@
 //
 // W is the whole stacked weight [L, N, D] (row-major, PyTorch layout) and `layer` selects
 // one slice, so no copy of the layer's weights is made (a dynamic slice passed to a custom
-// call would be materialized). Each thread streams its block of rows once and applies it
-// to all T tokens while the row is in L1: at T = 2..8 XLA:CPU's dot reads the weights at
-// ~7 GB/s, this loop at 13-16 GB/s; at T = 1 both are bandwidth-bound (measured in
+// call would be materialized). Each thread streams its block of rows. With AVX-512: one
+// token is a bandwidth-tuned row dot, several go through 4-row x 6-token register tiles;
+// otherwise each row is applied to 4 tokens at a time while it is in L1 (measurements in
 // docs/architecture.md).
 #include <algorithm>
 #include <cstdint>
@@ -17,10 +17,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-// Rows of W are applied to up to kTokens tokens at once: each loaded chunk of the row feeds
-// one independent accumulator per token.
-constexpr int64_t kTokens = 4;
 
 #if defined(__AVX512F__)
 // One token: four accumulators and a software prefetch keep enough loads in flight.
@@ -41,27 +37,6 @@ inline float RowDot(const float* __restrict w, const float* __restrict x, int64_
   float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   for (; d < d_size; ++d) sum += w[d] * x[d];
   return sum;
-}
-
-inline void RowTimesTokens(const float* __restrict w, const float* __restrict x, int64_t d_size,
-                           int64_t tokens, float* out, int64_t out_stride) {
-  if (tokens == 1) {
-    out[0] = RowDot(w, x, d_size);
-    return;
-  }
-  __m512 acc[kTokens];
-  for (int64_t t = 0; t < kTokens; ++t) acc[t] = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= d_size; d += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + d);
-    for (int64_t t = 0; t < tokens; ++t)
-      acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * d_size + d), acc[t]);
-  }
-  for (int64_t t = 0; t < tokens; ++t) {
-    float sum = _mm512_reduce_add_ps(acc[t]);
-    for (int64_t e = d; e < d_size; ++e) sum += w[e] * x[t * d_size + e];
-    out[t * out_stride] = sum;
-  }
 }
 
 // Several tokens: an R x TT register tile (R weight rows by TT tokens). Each step over D
@@ -127,14 +102,21 @@ inline void RowsTimesTokenBlock(const float* W, const float* X, int64_t D, int64
 // while the weight rows stream past them.
 inline void RowsTimesTokens(const float* W, const float* X, int64_t D, int64_t T, int64_t N,
                             int64_t lo, int64_t hi, float* Y) {
+  if (T == 1) {
+    for (int64_t n = lo; n < hi; ++n) Y[n] = RowDot(W + n * D, X, D);
+    return;
+  }
   const int64_t block = std::max<int64_t>(
       kTileTokens, (int64_t{256} * 1024 / (4 * D)) / kTileTokens * kTileTokens);
   for (int64_t t0 = 0; t0 < T; t0 += block) {
     RowsTimesTokenBlock(W, X + t0 * D, D, std::min(block, T - t0), N, lo, hi, Y + t0 * N);
   }
 }
-#define JAXINFER_HAVE_TILES 1
-#elif defined(__AVX2__) && defined(__FMA__)
+#else
+// Without AVX-512, rows of W are applied to up to kTokens tokens at once: each loaded chunk
+// of the row feeds one independent accumulator per token.
+constexpr int64_t kTokens = 4;
+#if defined(__AVX2__) && defined(__FMA__)
 inline float Sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -168,6 +150,18 @@ inline void RowTimesTokens(const float* __restrict w, const float* __restrict x,
 }
 #endif
 
+// Rows [lo, hi) of W times all T tokens, kTokens tokens per pass over a row.
+inline void RowsTimesTokens(const float* W, const float* X, int64_t D, int64_t T, int64_t N,
+                            int64_t lo, int64_t hi, float* Y) {
+  for (int64_t t0 = 0; t0 < T; t0 += kTokens) {
+    const int64_t tokens = std::min<int64_t>(kTokens, T - t0);
+    for (int64_t n = lo; n < hi; ++n) {
+      RowTimesTokens(W + n * D, X + t0 * D, D, tokens, Y + t0 * N + n, N);
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 static ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x,      // [T, D]
@@ -187,23 +181,11 @@ static ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x,      // [T, D]
   float* Y = y->typed_data();
 #pragma omp parallel
   {
-    bool continue_rows = true;
     // Contiguous row blocks per thread: each thread streams one region of the matrix.
     const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = (N + threads - 1) / threads;
     const int64_t lo = std::min<int64_t>(N, id * per), hi = std::min<int64_t>(N, lo + per);
-#if defined(JAXINFER_HAVE_TILES)
-    if (T > 1) {
-      RowsTimesTokens(W, X, D, T, N, lo, hi, Y);
-      continue_rows = false;
-    }
-#endif
-    for (int64_t t0 = 0; continue_rows && t0 < T; t0 += kTokens) {
-      const int64_t tokens = std::min<int64_t>(kTokens, T - t0);
-      for (int64_t n = lo; n < hi; ++n) {
-        RowTimesTokens(W + n * D, X + t0 * D, D, tokens, Y + t0 * N + n, N);
-      }
-    }
+    RowsTimesTokens(W, X, D, T, N, lo, hi, Y);
   }
   return ffi::Error::Success();
 }
