@@ -10,21 +10,30 @@ import jax.numpy as jnp
 from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
-from pallas_kernels.ragged_paged_attention.reference import (
+from pallas_kernels.ragged_paged_attention import (
     causal_prefill_attention_reference,
     paged_decode_attention_reference,
+    ragged_paged_attention_gpu,
     ragged_paged_attention_reference,
+    ragged_paged_attention_tpu,
 )
 
 if TYPE_CHECKING:
     from jaxinfer.model.transformer import Batch
 
 
+_PALLAS_KERNELS = {"pallas_gpu": ragged_paged_attention_gpu,
+                   "pallas_tpu": ragged_paged_attention_tpu}
+_PALLAS_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
 def default_attention_impl() -> str:
-    """The fastest implementation for the default backend (the XLA reference elsewhere)."""
-    if jax.default_backend() == "cpu" and cpu_kernels.available():
-        return "cpu"
-    return "xla"
+    """The implementation for the default backend: the native kernels on CPU, the Pallas
+    kernels on GPU and TPU, the XLA reference otherwise (or when the native build failed)."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu" if cpu_kernels.available() else "xla"
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
 
 
 def attention(
@@ -44,10 +53,8 @@ def attention(
     stacked cache [L, NP, C, K, E] at `layer`. The decode section (first `num_decode` tokens,
     one per sequence) and the prefill section are computed separately.
     """
-    if cfg.attention_impl not in ("xla", "cpu"):
-        raise ConfigError(
-            f"attention_impl {cfg.attention_impl!r} is not built into this version; "
-            "use attention_impl='xla' (or 'cpu' on CPU)")
+    if cfg.attention_impl in _PALLAS_KERNELS:
+        return _pallas(cfg, q, k, v, k_cache, v_cache, layer, batch, sliding_window)
     D, T = batch.num_decode, q.shape[0]
     parts = []
     if D:
@@ -95,3 +102,23 @@ def _prefill(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_cache
         q, k_cache[layer], v_cache[layer], batch.kv_lens[D:], batch.page_table[D:], query_start,
         max_query_len=batch.max_query_len, sm_scale=cfg.attention_scale,
         sliding_window=window, soft_cap=cfg.attn_logit_softcap)
+
+
+def _pallas(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+            v_cache: jax.Array, layer: jax.Array, batch: Batch,
+            window: jax.Array | None) -> jax.Array:
+    """The Pallas kernels: the whole step (decode section and prefill chunks) in one ragged
+    paged attention call over the stacked cache. On a CPU backend they run in the Pallas
+    interpreter (how the tests compare them with the XLA path)."""
+    impl = cfg.attention_impl
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    if not interpret and backend != _PALLAS_BACKENDS[impl] and not (
+            impl == "pallas_gpu" and backend == "cuda"):
+        raise ConfigError(f"attention_impl={impl!r} cannot run on the {backend!r} backend; "
+                          f"use attention_impl='xla' or {default_attention_impl()!r}")
+    kernel = _PALLAS_KERNELS[impl]
+    return kernel(q, k_cache, v_cache, batch.kv_lens, batch.page_table, batch.query_start,
+                  layer=layer, max_query_len=max(batch.max_query_len, 1),
+                  sm_scale=cfg.attention_scale, sliding_window=window,
+                  soft_cap=cfg.attn_logit_softcap, interpret=interpret)
