@@ -46,7 +46,7 @@ def make_case(seed: int, q_lens: list[int], ctx_lens: list[int], *, H: int, K: i
     """Sequences with q_lens[s] new tokens after ctx_lens[s] cached ones, on shuffled pages."""
     rng = np.random.default_rng(seed)
     S = len(q_lens)
-    kv = [a + b for a, b in zip(q_lens, ctx_lens)]
+    kv = [a + b for a, b in zip(q_lens, ctx_lens, strict=True)]
     P = max(-(-n // C) for n in kv) + extra_pages
     NP = S * P + 2
     page_table = rng.permutation(NP)[:S * P].reshape(S, P)

@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Measure the Pallas kernels and the model on a lent GPU (run by scripts/gpu_check.sh).
+
+Parts (one JSON object per result line, to stdout and to --out):
+  peaks            measured device copy bandwidth and bf16 matmul TFLOP/s (the ceilings)
+  decode_attention ragged paged decode attention, Llama-3-8B heads (32 q, 8 kv, dim 128,
+                   bf16, pages of 16), context 1k/4k/16k x batch 1/8/64: Pallas vs XLA,
+                   bandwidth utilisation against the measured copy bandwidth
+  prefill_attention causal attention of one 4k / 16k prompt: Pallas flash vs XLA (and
+                   cuDNN through jax.nn.dot_product_attention), TFLOP/s and % of peak
+  e2e_decode       decode tokens/s of a Llama-3-8B-shaped model, random bf16 weights,
+                   context 1024, batch 1/16/64: jaxinfer XLA path, Pallas path, and
+                   Hugging Face transformers (torch) on the same card; the batch-1 figure
+                   against the weights-plus-KV bytes roofline
+
+`--smoke` shrinks every shape so the whole script runs on CPU in interpret mode (CI runs it
+that way to keep the script working); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the card
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+PARTS = ("peaks", "decode_attention", "prefill_attention", "e2e_decode")
+
+
+class Recorder:
+    """Prints each result as a JSON line and appends it to the output file."""
+
+    def __init__(self, path: Path | None, device: str, smoke: bool) -> None:
+        self.path, self.device, self.smoke = path, device, smoke
+        self.rows: list[dict[str, Any]] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **row: Any) -> dict[str, Any]:
+        row = {"device": self.device, "smoke": self.smoke, **row}
+        self.rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        return row
+
+
+def median_time(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall seconds of fn() (its result blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def guarded(rec: Recorder, what: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
+    """Run one measurement; an error (out of memory, a lowering failure) becomes a row."""
+    try:
+        rec(**what, **fn())
+    except Exception as e:  # noqa: BLE001 - every failure is reported, the script goes on
+        rec(**what, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    gc.collect()
+
+
+# ------------------------------------------------------------------ peaks
+
+def measure_peaks(rec: Recorder, smoke: bool) -> dict[str, float]:
+    n = (1 << 20) if smoke else (1 << 30)  # bf16 elements: 2 GiB on the GPU
+    x = jnp.ones((n,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + jnp.bfloat16(1))
+    t = median_time(functools.partial(add, x), iters=20)
+    copy_gbs = 2 * n * 2 / t / 1e9
+    m = 256 if smoke else 8192
+    a = jnp.ones((m, m), jnp.bfloat16)
+    mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
+    t = median_time(functools.partial(mm, a), iters=10)
+    tflops = 2 * m**3 / t / 1e12
+    rec(part="peaks", copy_gbs=round(copy_gbs, 1), bf16_matmul_tflops=round(tflops, 1))
+    return {"copy_gbs": copy_gbs, "bf16_tflops": tflops}
+
+
+# ------------------------------------------------------------------ attention kernels
+
+def decode_attention(rec: Recorder, peaks: dict[str, float], smoke: bool, interpret: bool) -> None:
+    from pallas_kernels.ragged_paged_attention import (
+        ragged_paged_attention_gpu,
+        ragged_paged_attention_reference,
+    )
+
+    H, K, E, C = (4, 2, 16, 16) if smoke else (32, 8, 128, 16)
+    contexts = (32, 64) if smoke else (1024, 4096, 16384)
+    batches = (1, 2) if smoke else (1, 8, 64)
+    dtype = jnp.bfloat16
+    for ctx in contexts:
+        for B in batches:
+            pages = -(-ctx // C)
+            NP = B * pages + 1
+            key = jax.random.key(ctx * 131 + B)
+            k1, k2, k3 = jax.random.split(key, 3)
+            q = jax.random.normal(k1, (B, H, E), dtype)
+            kc = jax.random.normal(k2, (NP, C, K, E), dtype)
+            vc = jax.random.normal(k3, (NP, C, K, E), dtype)
+            table = jnp.asarray(np.random.default_rng(B).permutation(NP)[:B * pages]
+                                .reshape(B, pages), jnp.int32)
+            kv_lens = jnp.full((B,), ctx, jnp.int32)
+            qs = jnp.arange(B + 1, dtype=jnp.int32)
+            scale = E ** -0.5
+            bytes_moved = B * ctx * K * E * 2 * 2 + 2 * q.size * 2
+            args = (q, kc, vc, kv_lens, table, qs)
+            systems = {
+                "pallas": jax.jit(functools.partial(
+                    ragged_paged_attention_gpu, max_query_len=1, sm_scale=scale,
+                    interpret=interpret)),
+                "xla": jax.jit(functools.partial(
+                    ragged_paged_attention_reference, max_query_len=1, sm_scale=scale)),
+            }
+            outs: dict[str, jax.Array] = {}
+            for name, f in systems.items():
+                guarded(rec, dict(part="decode_attention", system=name, context=ctx, batch=B,
+                                  heads=H, kv_heads=K, head_dim=E, page_size=C,
+                                  bytes=bytes_moved),
+                        functools.partial(_time_decode, f, args, outs, name, bytes_moved,
+                                          peaks["copy_gbs"], 3 if interpret else 20))
+            if len(outs) == 2:
+                err = float(jnp.max(jnp.abs(outs["pallas"].astype(jnp.float32)
+                                            - outs["xla"].astype(jnp.float32))))
+                rec(part="decode_attention_check", context=ctx, batch=B, max_abs_err=err)
+
+
+def _time_decode(f: Callable[..., jax.Array], args: tuple, outs: dict[str, jax.Array], name: str,
+                 bytes_moved: int, copy_gbs: float, iters: int) -> dict[str, Any]:
+    outs[name] = f(*args)
+    t = median_time(functools.partial(f, *args), iters=iters)
+    gbs = bytes_moved / t / 1e9
+    return dict(time_us=round(t * 1e6, 1), gbs=round(gbs, 1), bw_util=round(gbs / copy_gbs, 3))
+
+
+def prefill_attention(rec: Recorder, peaks: dict[str, float], smoke: bool,
+                      interpret: bool) -> None:
+    from pallas_kernels.flash_attention import flash_attention_gpu
+    from pallas_kernels.ragged_paged_attention import causal_prefill_attention_reference
+
+    H, K, E = (4, 2, 16) if smoke else (32, 8, 128)
+    lengths = (64,) if smoke else (4096, 16384)
+    dtype = jnp.bfloat16
+    for T in lengths:
+        k1, k2, k3 = jax.random.split(jax.random.key(T), 3)
+        q = jax.random.normal(k1, (T, H, E), dtype)
+        k = jax.random.normal(k2, (T, K, E), dtype)
+        v = jax.random.normal(k3, (T, K, E), dtype)
+        pos = jnp.arange(T, dtype=jnp.int32)
+        starts = jnp.asarray([0, T], jnp.int32)
+        scale = E ** -0.5
+        flops = 2.0 * T * T * H * E  # causal: half of 4 T^2 H E
+        systems: dict[str, Callable[..., jax.Array]] = {
+            "pallas": jax.jit(functools.partial(flash_attention_gpu, sm_scale=scale,
+                                                causal=True, interpret=interpret)),
+            "xla": jax.jit(lambda q, k, v, pos=pos, starts=starts, scale=scale:
+                           causal_prefill_attention_reference(q, k, v, pos, starts,
+                                                              sm_scale=scale)),
+        }
+        if not interpret:
+            systems["cudnn"] = jax.jit(functools.partial(_cudnn_attention, groups=H // K,
+                                                         scale=scale))
+        for name, f in systems.items():
+            guarded(rec, dict(part="prefill_attention", system=name, tokens=T, heads=H,
+                              kv_heads=K, head_dim=E, flops=flops),
+                    functools.partial(_time_prefill, f, (q, k, v), flops, peaks["bf16_tflops"],
+                                      2 if interpret else 10))
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, groups: int,
+                     scale: float) -> jax.Array:
+    """cuDNN's fused attention through jax.nn.dot_product_attention (a peer)."""
+    k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+    return jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
+                                        implementation="cudnn")[0]
+
+
+def _time_prefill(f: Callable[..., jax.Array], args: tuple, flops: float, peak: float,
+                  iters: int) -> dict[str, Any]:
+    t = median_time(functools.partial(f, *args), warmup=1, iters=iters)
+    tf = flops / t / 1e12
+    return dict(time_ms=round(t * 1e3, 3), tflops=round(tf, 1), peak_frac=round(tf / peak, 3))
+
+
+# ------------------------------------------------------------------ end to end
+
+def llama_8b_config(smoke: bool):
+    from jaxinfer.config import ModelConfig, RopeConfig
+
+    if smoke:
+        return ModelConfig(family="llama", vocab_size=256, hidden_size=64,
+                           intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=16, max_position_embeddings=512, dtype="bfloat16",
+                           rope=RopeConfig(theta=500000.0))
+    return ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                       head_dim=128, max_position_embeddings=8192, dtype="bfloat16",
+                       rope=RopeConfig(theta=500000.0), rms_norm_eps=1e-5)
+
+
+def e2e_decode(rec: Recorder, peaks: dict[str, float], smoke: bool, with_hf: bool) -> None:
+    from jaxinfer.batch import SequenceChunk, build_step_batch
+    from jaxinfer.model.params import init_params_on_device, param_bytes
+    from jaxinfer.model.transformer import Batch, forward
+
+    cfg = llama_8b_config(smoke)
+    ctx = 32 if smoke else 1024
+    batches = (1, 2) if smoke else (1, 16, 64)
+    C = 16
+    params = init_params_on_device(cfg, seed=0)
+    # Bytes a decode step must read: every weight but the embedding table (a gather).
+    weight_bytes = param_bytes(params) - (0 if cfg.tie_word_embeddings
+                                          else cfg.vocab_size * cfg.hidden_size * 2)
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    step_fn = jax.jit(forward, static_argnums=1, donate_argnums=3)
+    for B in batches:
+        pages = -(-(ctx + 64) // C)
+        chunks = [SequenceChunk([1], ctx, list(range(b * pages, (b + 1) * pages)))
+                  for b in range(B)]
+        step = build_step_batch(chunks, page_size=C, num_slots=B * pages * C)
+        batch = Batch.from_step(step)
+        roof_s = (weight_bytes + B * (ctx + 1) * kv_per_token) / (peaks["copy_gbs"] * 1e9)
+        for impl in ("xla", "pallas_gpu"):
+            guarded(rec, dict(part="e2e_decode", system=f"jaxinfer-{impl}", batch=B,
+                              context=ctx, model="llama-3-8b-shape" if not smoke else "tiny",
+                              dtype="bfloat16"),
+                    functools.partial(_time_e2e, step_fn, params, cfg.replace(attention_impl=impl),
+                                      batch, B * pages, C, B, roof_s, 3 if smoke else 15))
+    params = None  # free the weights before torch loads its copy
+    gc.collect()
+    if with_hf:
+        guarded_hf(rec, cfg, ctx, batches, peaks, smoke)
+
+
+def _time_e2e(step_fn: Callable[..., Any], params: Any, cfg: Any, batch: Any, num_pages: int,
+              page_size: int, B: int, roof_s: float, iters: int) -> dict[str, Any]:
+    from jaxinfer.cache import init_cache
+
+    state = {"cache": init_cache(cfg, num_pages, page_size)}
+
+    def run() -> jax.Array:
+        logits, state["cache"] = step_fn(params, cfg, batch, state["cache"])
+        return logits
+
+    t = median_time(run, warmup=2, iters=iters)
+    return dict(step_ms=round(t * 1e3, 3), tok_s=round(B / t, 1),
+                roofline_step_ms=round(roof_s * 1e3, 3), roofline_ratio=round(t / roof_s, 3))
+
+
+def guarded_hf(rec: Recorder, cfg, ctx: int, batches: tuple[int, ...],
+               peaks: dict[str, float], smoke: bool) -> None:
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        rec(part="e2e_decode", system="hf-transformers", error=f"not installed: {e}")
+        return
+    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                         max_position_embeddings=cfg.max_position_embeddings,
+                         rope_theta=cfg.rope.theta, tie_word_embeddings=False)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    with torch.device(dev):
+        model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    new = 4 if smoke else 33
+    for B in batches:
+        guarded(rec, dict(part="e2e_decode", system="hf-transformers", batch=B, context=ctx,
+                          model="llama-3-8b-shape" if not smoke else "tiny",
+                          dtype=str(dtype).removeprefix("torch.")),
+                functools.partial(_time_hf, torch, model, dev, B, ctx, cfg.vocab_size, new))
+
+
+def _time_hf(torch: Any, model: Any, dev: str, B: int, ctx: int, vocab: int,
+             new: int) -> dict[str, Any]:
+    """Decode step time of transformers' generate: (time for `new` tokens - time for 1)."""
+    ids = torch.randint(100, vocab - 1, (B, ctx), device=dev)
+
+    def gen(n: int) -> float:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    gen(2)  # warm up
+    t_prefill = min(gen(1) for _ in range(2))
+    t_total = min(gen(new) for _ in range(2))
+    step = (t_total - t_prefill) / (new - 1)
+    return dict(step_ms=round(step * 1e3, 3), tok_s=round(B / step, 1))
+
+
+# ------------------------------------------------------------------ summary
+
+def summarize(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's bars, judged from the rows."""
+    lines = []
+    dec = [r for r in rows if r.get("part") == "decode_attention" and "bw_util" in r]
+    for r in dec:
+        if r["system"] == "pallas" and r["context"] >= 4096:
+            ok = r["bw_util"] >= 0.8
+            verdict = "meets" if ok else "misses"
+            lines.append(f"decode attention ctx {r['context']} batch {r['batch']}: "
+                         f"{r['bw_util']:.0%} of copy bandwidth ({verdict} 80%)")
+    for r in rows:
+        if (r.get("part") == "prefill_attention" and r.get("system") == "pallas"
+                and "tflops" in r and r["tokens"] >= 16384):
+            ok = r["peak_frac"] >= 0.5
+            lines.append(f"prefill attention {r['tokens']}: {r['tflops']} TFLOP/s = "
+                         f"{r['peak_frac']:.0%} of peak ({'meets' if ok else 'misses'} 50%)")
+        if (r.get("part") == "e2e_decode" and r.get("batch") == 1
+                and r.get("system", "").startswith("jaxinfer") and "roofline_ratio" in r):
+            ok = r["roofline_ratio"] <= 1.3
+            lines.append(f"e2e decode batch 1 {r['system']}: {r['roofline_ratio']}x the "
+                         f"bytes roofline ({'meets' if ok else 'misses'} 1.3x)")
+    by_shape: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        t = r.get("time_us") or r.get("time_ms") or r.get("step_ms")
+        if t is None or r.get("system") not in ("pallas", "xla", "jaxinfer-xla",
+                                                "jaxinfer-pallas_gpu"):
+            continue
+        key = (r["part"], r.get("context"), r.get("batch"), r.get("tokens"))
+        by_shape.setdefault(key, {})[r["system"].removeprefix("jaxinfer-")
+                                     .replace("pallas_gpu", "pallas")] = t
+    for key, t in sorted(by_shape.items(), key=str):
+        if "pallas" in t and "xla" in t:
+            lines.append(f"{key}: pallas/xla time {t['pallas'] / t['xla']:.2f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gpu_results/gpu_check.jsonl"),
+                    help="JSON-lines file the results are appended to")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, Pallas in interpret mode on CPU: checks the script only")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    backend = jax.default_backend()
+    if backend != "gpu" and not args.smoke:
+        ap.error(f"no GPU (jax backend {backend!r}); use --smoke to exercise the script on CPU")
+    interpret = backend != "gpu"
+    device = jax.devices()[0].device_kind
+    rec = Recorder(args.out, device, args.smoke)
+    rec(part="meta", jax=jax.__version__, backend=backend, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    t0 = time.time()
+    peaks = measure_peaks(rec, args.smoke)
+    if "decode_attention" in parts:
+        decode_attention(rec, peaks, args.smoke, interpret)
+    if "prefill_attention" in parts:
+        prefill_attention(rec, peaks, args.smoke, interpret)
+    if "e2e_decode" in parts:
+        e2e_decode(rec, peaks, args.smoke, with_hf=not args.no_hf)
+    summary = summarize(rec.rows)
+    rec(part="summary", wall_s=round(time.time() - t0, 1), bars=summary)
+    print("\n".join(summary), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
