@@ -15,17 +15,23 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.cache.paged import kv_bytes_per_token
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.params import param_bytes
+from jaxinfer.roofline import (  # the cost model and peaks (bench_serve takes them here)
+    attention_flops,
+    bench_roofline,
+    device_name,
+    hardware_from_peaks,
+    head_flops,
+    matmul_flops_per_token,
+    measure_peaks,
+)
 from jaxinfer.weights.loader import DEFAULT_MODEL_NAME
 
 SINGLE_PROMPT_LEN, SINGLE_NEW = 128, 128
@@ -89,62 +95,7 @@ def workload_inputs(workload: str) -> tuple[list[list[int]], int]:
     raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
 
 
-# ------------------------------------------------------------------ machine peaks
-def device_name() -> str:
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return f"cpu-{os.cpu_count()}core"
-    return dev.device_kind.lower().replace(" ", "-")
-
-
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _stream_bandwidth(rows: int = 8192, cols: int = 16384) -> float:
-    """GB/s of the faster of two jitted vector-matrix forms over a 512 MiB matrix."""
-    w = jax.random.normal(jax.random.PRNGKey(0), (rows, cols), jnp.float32)
-    x = jnp.ones((1, cols), jnp.float32)
-    forms = (jax.jit(lambda x, w: x @ w.T), jax.jit(lambda x, w: jnp.einsum("td,fd->tf", x, w)))
-    best = min(_best_time(lambda f=f: f(x, w), 10) for f in forms)
-    return w.nbytes / best / 1e9
-
-
-def _matmul_gflops(n: int = 2048) -> float:
-    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    matmul = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / _best_time(lambda: matmul(a, a), 10) / 1e9
-
-
-def measure_peaks() -> dict[str, float]:
-    """This machine's streaming bandwidth (GB/s) and float32 matmul GFLOP/s, measured now."""
-    return {"peak_bw_gbs": round(_stream_bandwidth(), 2),
-            "peak_gflops": round(_matmul_gflops(), 1)}
-
-
 # ------------------------------------------------------------------ cost model
-def matmul_flops_per_token(cfg: ModelConfig) -> float:
-    """Projection + MLP FLOPs of one token through all layers (no LM head, no attention)."""
-    d, e, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    per_layer = d * e * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
-    return 2.0 * per_layer * cfg.num_layers
-
-
-def attention_flops(cfg: ModelConfig, context: int) -> float:
-    """q.k and p.v FLOPs of one token attending to `context` keys, all layers."""
-    return 4.0 * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
-
-
-def head_flops(cfg: ModelConfig) -> float:
-    return 2.0 * cfg.vocab_size * cfg.hidden_size
-
-
 def workload_flops(cfg: ModelConfig, prompts: list[list[int]], new_tokens: int) -> float:
     """FLOPs of prefilling `prompts` and decoding `new_tokens` each (LM head per output)."""
     total = 0.0
@@ -276,6 +227,8 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
             "device": device_name(), "dtype": options.dtype,
             "page_size": options.page_size, **peaks}
     flops = workload_flops(cfg, prompts, new_tokens)
+    roofline = bench_roofline(cfg, hardware_from_peaks(peaks), prompt_lens=list(map(len, prompts)),
+                              new_tokens=new_tokens, flops=flops, dtype=options.dtype)
     pbytes = param_bytes(ours.llm.params)
     systems: list[Any] = [ours]
     if options.workload == "shared_prefix":
@@ -298,15 +251,16 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
                        bw_util=round(step_bytes * decode_tok_s / 1e9 / peaks["peak_bw_gbs"], 3),
                        ttft_compute_util=round(
                            workload_flops(cfg, prompts, 1) / r["ttft_s"] / 1e9
-                           / peaks["peak_gflops"], 3))
+                           / peaks["peak_gflops"], 3), **roofline)
         else:
             generated = len(prompts) * new_tokens
             rec.update(gen_tok_s=round(generated / r["wall_s"], 2), wall_s=round(r["wall_s"], 2),
-                       compute_util=round(flops / r["wall_s"] / 1e9 / peaks["peak_gflops"], 3))
+                       compute_util=round(flops / r["wall_s"] / 1e9 / peaks["peak_gflops"], 3),
+                       **roofline)
             if options.workload == "shared_prefix":
                 rec["cached_prompt_tokens"] = r["cached_tokens"]
                 if r["cached_tokens"]:  # the FLOP count assumes every prompt is computed
-                    del rec["compute_util"]
+                    del rec["compute_util"], rec["roofline_gen_tok_s"]
         if isinstance(system, JaxinferSystem):
             stats = system.llm.compile_stats
             rec["compile_s"] = round(stats.seconds, 2)

@@ -1,4 +1,7 @@
-"""Command line: `jaxinfer generate | serve | bench`. Thin: parse into config, call the library."""
+"""Command line: `jaxinfer generate | serve | bench | roofline`.
+
+Thin: parse into config, call the library.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed repetitions after warm-up; the best is reported")
     bench.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    _add_roofline_subparser(sub)
     return parser
+
+
+def _add_roofline_subparser(sub: argparse._SubParsersAction) -> None:
+    roof = sub.add_parser(
+        "roofline", help="FLOPs, bytes and the speed limit of prefill and decode steps",
+        description="The roofline of one model step: the FLOPs and bytes a prefill (BATCH "
+                    "prompts of PROMPT_LEN tokens) or a decode step (BATCH sequences with "
+                    "CONTEXT cached tokens) must spend, and the fastest it can run on a chip "
+                    "(compute time or memory time, whichever is longer). No weights are "
+                    "loaded. Comma-separated values sweep.")
+    roof.add_argument("--model", default="smollm2-135m",
+                      help="smollm2-135m (default), llama-3-8b, llama-3-70b, or a GGUF file / "
+                           "Hugging Face folder whose config is read")
+    roof.add_argument("--hardware", default="h100",
+                      help="h100, h200, tpu-v5e, tpu-v6e (vendor datasheets), h100-measured "
+                           "(BENCHMARKS.md), cpu (this machine, measured now: a few seconds) "
+                           "or all (every tabled chip, not cpu); comma-separated (default h100)")
+    roof.add_argument("--batch", default="1,16,64", help="sequences per step (default 1,16,64)")
+    roof.add_argument("--context", default="1024,4096",
+                      help="cached tokens per sequence in decode (default 1024,4096)")
+    roof.add_argument("--prompt-len", default="512",
+                      help="prompt tokens per sequence in prefill (default 512)")
+    roof.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "f32", "tf32", "int8"],
+                      help="weights, activations and compute (default bf16; cpu knows f32 only)")
+    roof.add_argument("--kv-dtype", default=None, choices=["bf16", "fp16", "f32", "int8"],
+                      help="KV cache dtype (default: as --dtype)")
+    roof.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _read_prompt(prompt: str) -> str:
@@ -147,6 +178,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roofline(args: argparse.Namespace) -> int:
+    from jaxinfer.roofline import run_roofline
+
+    run_roofline(args.model, args.hardware, batches=args.batch, contexts=args.context,
+                 prompt_lens=args.prompt_len, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                 as_json=args.json)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxinfer` command."""
     args = build_parser().parse_args(argv)
@@ -155,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "roofline":
+            return _roofline(args)
         if args.command == "serve":
             from jaxinfer.server import run_serve
 
