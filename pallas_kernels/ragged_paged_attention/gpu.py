@@ -130,6 +130,9 @@ def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_
         last = kv_len - q_len + jnp.minimum(q_len, tok0 + block_q) - 1
         lo, hi = common.key_block_range(first, last, kv_len, window, block_k)
         layer = layer_ref[0]
+        # f32 inputs: full-precision dots (Triton's default for f32 is TF32).
+        precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
+                     else jax.lax.Precision.DEFAULT)
 
         def body(i, carry):
             acc, m, l = carry
@@ -138,7 +141,8 @@ def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_
             offset = key0 % page_size
             k = k_ref[layer, page, pl.ds(offset, block_k), kh, :]  # [BK, E]
             v = v_ref[layer, page, pl.ds(offset, block_k), kh, :]
-            scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+            scores = jnp.dot(q, k.T, precision=precision,
+                             preferred_element_type=jnp.float32) * sm_scale
             scores = common.softcap(scores, soft_cap)
             k_pos = key0 + jnp.arange(block_k, dtype=jnp.int32)
             mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_len)
@@ -149,7 +153,7 @@ def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_
             alpha = jnp.exp(m - m_new)
             p = jnp.where(mask, jnp.exp(scores - m_new[:, None]), 0.0)
             l = l * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=precision,
                                                   preferred_element_type=jnp.float32)
             return acc, m_new, l
 
