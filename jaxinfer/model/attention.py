@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
+from pallas_kernels.flash_attention import flash_attention_gpu, flash_attention_tpu
 from pallas_kernels.ragged_paged_attention import (
     causal_prefill_attention_reference,
     paged_decode_attention_reference,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 _PALLAS_KERNELS = {"pallas_gpu": ragged_paged_attention_gpu,
                    "pallas_tpu": ragged_paged_attention_tpu}
+_FLASH_KERNELS = {"pallas_gpu": flash_attention_gpu, "pallas_tpu": flash_attention_tpu}
 _PALLAS_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 
 
@@ -118,7 +120,22 @@ def _pallas(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, k_cache:
         raise ConfigError(f"attention_impl={impl!r} cannot run on the {backend!r} backend; "
                           f"use attention_impl='xla' or {default_attention_impl()!r}")
     kernel = _PALLAS_KERNELS[impl]
-    return kernel(q, k_cache, v_cache, batch.kv_lens, batch.page_table, batch.query_start,
-                  layer=layer, max_query_len=max(batch.max_query_len, 1),
-                  sm_scale=cfg.attention_scale, sliding_window=window,
+    common = dict(sm_scale=cfg.attention_scale, sliding_window=window,
                   soft_cap=cfg.attn_logit_softcap, interpret=interpret)
+    D, T = batch.num_decode, q.shape[0]
+    if not (batch.flat_prefill and batch.hist_slots is None and D < T):
+        return kernel(q, k_cache, v_cache, batch.kv_lens, batch.page_table, batch.query_start,
+                      layer=layer, max_query_len=max(batch.max_query_len, 1), **common)
+    # Prompts starting at position 0 (no cached history): flash attention over this step's
+    # own keys, one segment per prompt; the decode section (if any) reads its pages.
+    parts = []
+    if D:
+        parts.append(kernel(q[:D], k_cache, v_cache, batch.kv_lens[:D], batch.page_table[:D],
+                            batch.query_start[:D + 1], layer=layer, max_query_len=1, **common))
+    starts = batch.query_start[D:] - D
+    index = jnp.arange(T - D, dtype=jnp.int32)
+    segment = jnp.sum(index[:, None] >= starts[None, 1:].astype(jnp.int32), axis=1)
+    segment = jnp.where(index < starts[-1], segment, -1).astype(jnp.int32)
+    parts.append(_FLASH_KERNELS[impl](q[D:], k[D:], v[D:], segment_ids=segment,
+                                      positions=batch.positions[D:], causal=True, **common))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)

@@ -1,7 +1,7 @@
 """The full model with `attention_impl="pallas_gpu"` / `"pallas_tpu"` against the XLA path.
 
 The Pallas kernels run in interpret mode on CPU. Three steps of a ragged batch: a prefill of
-three prompts, a mixed step (two decode tokens and a chunk continuing a cached prompt across
+three prompts (flash attention), a mixed step (two decode tokens and a chunk continuing a cached prompt across
 page boundaries), then a decode step. Logits and the cache must match the XLA reference.
 """
 
@@ -60,6 +60,8 @@ def test_pallas_model_matches_xla(name: str, impl: str) -> None:
     caches = {c: init_cache(c, 8, PAGE) for c in (ref_cfg, cfg)}
     for i, chunks in enumerate(_steps(ref_cfg)):
         step = build_step_batch(chunks, page_size=PAGE, num_slots=8 * PAGE)
+        # The first step is a prefill from position 0: the flash attention kernel's case.
+        assert step.prefix_free == (i == 0)
         logits = {}
         for c in (ref_cfg, cfg):
             logits[c], caches[c] = _forward(params, c, Batch.from_step(step), caches[c])
@@ -71,7 +73,8 @@ def test_pallas_model_matches_xla(name: str, impl: str) -> None:
 def test_pallas_gpu_needs_pages_of_16() -> None:
     cfg = CONFIGS["llama"].replace(attention_impl="pallas_gpu")
     params = init_params(cfg, seed=3, scale=0.3)
-    step = build_step_batch([SequenceChunk([1, 2, 3], 0, [0])], page_size=4, num_slots=32)
+    # A chunk after cached tokens reads the pages (a prefill from 0 needs no pages).
+    step = build_step_batch([SequenceChunk([1, 2, 3], 2, [0, 1])], page_size=4, num_slots=32)
     with pytest.raises(ValueError, match="page size"):
         _forward(params, cfg, Batch.from_step(step), init_cache(cfg, 8, 4))
 
