@@ -1,8 +1,9 @@
 """The full model with `attention_impl="pallas_gpu"` / `"pallas_tpu"` against the XLA path.
 
 The Pallas kernels run in interpret mode on CPU. Three steps of a ragged batch: a prefill of
-three prompts (flash attention), a mixed step (two decode tokens and a chunk continuing a cached prompt across
-page boundaries), then a decode step. Logits and the cache must match the XLA reference.
+three prompts (flash attention), a mixed step (two decode tokens and a chunk continuing a
+cached prompt across page boundaries), then a decode step. Logits and the cache must match
+the XLA reference.
 """
 
 from __future__ import annotations
