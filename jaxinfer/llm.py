@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxinfer.config import ModelConfig
@@ -21,6 +22,7 @@ from jaxinfer.engine.offline import plan_batch
 from jaxinfer.engine.outputs import RequestDelta, TokenLogprob
 from jaxinfer.errors import CapacityError, InputError
 from jaxinfer.model.params import Params
+from jaxinfer.parallel.sharding import ShardingRules
 from jaxinfer.runner import CompileStats
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import Tokenizer
@@ -100,6 +102,8 @@ class LLM:
       max_num_batched_tokens: token budget of one step.
       enable_prefix_caching: reuse the KV of equal prompt prefixes.
       enable_chunked_prefill: split long prompts across steps beside decodes.
+      mesh: run tensor/data parallel over this mesh (`jaxinfer.parallel.make_mesh`); weights
+        and the KV cache are placed with `sharding_rules` (default `ShardingRules()`).
     """
 
     def __init__(
@@ -115,6 +119,8 @@ class LLM:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
+        sharding_rules: ShardingRules | None = None,
     ):
         self.config = EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -122,7 +128,8 @@ class LLM:
             kv_cache_tokens=kv_cache_tokens, page_size=page_size,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill)
-        self.core = EngineCore(params, cfg, tokenizer, self.config)
+        self.core = EngineCore(params, cfg, tokenizer, self.config, mesh=mesh,
+                               sharding_rules=sharding_rules)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_model_len = self.core.max_model_len

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.batch import StepBatch
-from jaxinfer.cache.paged import KVCache, init_cache
+from jaxinfer.cache.paged import KVCache, cache_shape, init_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.params import Params
 from jaxinfer.model.sampler import apply_penalties, sample, token_logprobs
 from jaxinfer.model.transformer import Batch, forward
+from jaxinfer.parallel.sharding import ShardingRules, shard_params
 from jaxinfer.sampling import SamplingArrays
 
 
@@ -61,7 +62,8 @@ class DeviceSampling:
 
 
 def generation_step(
-    params: Params, cache: KVCache, batch: Batch, sampling: DeviceSampling, *, cfg: ModelConfig
+    params: Params, cache: KVCache, batch: Batch, sampling: DeviceSampling, *, cfg: ModelConfig,
+    cache_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[jax.Array, jax.Array | None, KVCache]:
     """Forward one ragged step and sample the next token of every sequence.
 
@@ -72,6 +74,8 @@ def generation_step(
       None when no sequence asked for log-probabilities, and the cache.
     """
     logits, cache = forward(params, cfg, batch, cache)
+    if cache_sharding is not None:  # the next step's program expects the cache laid out so
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
     with jax.named_scope("sample"):
         adjusted = logits
         if sampling.penalty_ids is not None:
@@ -102,12 +106,35 @@ class CompileStats:
 class ModelRunner:
     """Owns the parameters, the KV cache and the compiled step programs."""
 
-    def __init__(self, params: Params, cfg: ModelConfig, *, num_pages: int, page_size: int):
+    def __init__(self, params: Params, cfg: ModelConfig, *, num_pages: int, page_size: int,
+                 mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | None = None):
+        """Args:
+          params, cfg: the model.
+          num_pages, page_size: the KV pool.
+          mesh: shard weights and cache over this (data, tensor, sequence) mesh with `rules`
+            (tensor parallelism through GSPMD; `cfg` may gain replicated KV heads, see
+            `jaxinfer.parallel.replicate_kv_heads`). The native CPU kernels are single-device
+            custom calls, so a multi-device mesh runs the XLA implementations.
+        """
+        cache_sharding = None
+        if mesh is not None:
+            if mesh.size > 1 and "cpu" in (cfg.attention_impl, cfg.matmul_impl):
+                cfg = cfg.replace(
+                    attention_impl="xla" if cfg.attention_impl == "cpu" else cfg.attention_impl,
+                    matmul_impl="xla")
+            rules = rules or ShardingRules()
+            params, cfg = shard_params(params, cfg, mesh, rules)
+            cache_sharding = rules.cache_sharding(mesh, cache_shape(cfg, num_pages, page_size))
         self.params = params
         self.cfg = cfg
+        self.mesh = mesh
         self.page_size = page_size
-        self.cache = init_cache(cfg, num_pages, page_size)
-        self._jitted = jax.jit(functools.partial(generation_step, cfg=cfg), donate_argnums=(1,))
+        self.cache = init_cache(cfg, num_pages, page_size, sharding=cache_sharding)
+        self._jitted = jax.jit(
+            functools.partial(generation_step, cfg=cfg,
+                              cache_sharding=KVCache(cache_sharding, cache_sharding)
+                              if cache_sharding is not None else None),
+            donate_argnums=(1,))
         self._programs: dict[tuple[Any, ...], Any] = {}
         self.compile_stats = CompileStats()
         self.last_packed: jax.Array | None = None  # log-probabilities of the last step

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,8 @@ class EngineCore:
     """Continuous batching over a paged KV cache, stepped by the caller."""
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Tokenizer,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, *, mesh: Any = None,
+                 sharding_rules: Any = None):
         self.config = config = config or EngineConfig()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -101,7 +103,8 @@ class EngineCore:
             self.max_model_len, (1 << 30) // kv_bytes_per_token(cfg))
         self.page_size = config.page_size
         self.num_pages = -(-tokens // self.page_size)
-        self.runner = ModelRunner(params, cfg, num_pages=self.num_pages, page_size=self.page_size)
+        self.runner = ModelRunner(params, cfg, num_pages=self.num_pages, page_size=self.page_size,
+                                  mesh=mesh, rules=sharding_rules)
         self.scheduler = Scheduler(config.scheduler_config(), self.num_pages, self.page_size)
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(cfg.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
