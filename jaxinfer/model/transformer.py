@@ -7,6 +7,8 @@ each layer's index, so no layer's cache is ever copied.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -63,6 +65,20 @@ class Batch:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerHooks:
+    """Replacements for the two places a layer touches the cache (None: the default).
+
+    Used by sequence parallelism (`jaxinfer.parallel.long_prefill`), whose tokens are
+    sharded over devices: `write_kv(k_cache, v_cache, layer, k, v, batch) -> (k_cache,
+    v_cache)` writes this step's keys/values; `attend(cfg, q, k, v, k_cache, v_cache, layer,
+    batch, window) -> out [T, H, E]` replaces the attention dispatch.
+    """
+
+    write_kv: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    attend: Callable[..., jax.Array] | None = None
+
+
 # Row counts up to which the native CPU matmul beats XLA:CPU's dot (docs/architecture.md).
 _NATIVE_MATMUL_MAX_ROWS = cpu_kernels.linear_max_rows()
 
@@ -78,7 +94,7 @@ def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array
 
 def _layer(
     cfg: ModelConfig, batch: Batch, rope: tuple[jax.Array, ...], layers: LayerParams,
-    carry: tuple, xs: tuple,
+    carry: tuple, xs: tuple, hooks: LayerHooks | None = None,
 ) -> tuple[tuple, None]:
     x, k_cache, v_cache = carry
     layer, is_sliding = xs
@@ -110,14 +126,18 @@ def _layer(
         k = apply_rope(k, cos, sin)
 
         # Write this step's keys/values, then attend over the cache (they are included).
-        C = k_cache.shape[2]
-        page, slot = batch.slot_mapping // C, batch.slot_mapping % C
-        k_cache = k_cache.at[layer, page, slot].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[layer, page, slot].set(v.astype(v_cache.dtype), mode="drop")
+        if hooks is not None and hooks.write_kv is not None:
+            k_cache, v_cache = hooks.write_kv(k_cache, v_cache, layer, k, v, batch)
+        else:
+            C = k_cache.shape[2]
+            page, slot = batch.slot_mapping // C, batch.slot_mapping % C
+            k_cache = k_cache.at[layer, page, slot].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[layer, page, slot].set(v.astype(v_cache.dtype), mode="drop")
         window = None
         if cfg.has_sliding_layers:
             window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
-        o = attention(cfg, q, k, v, k_cache, v_cache, layer, batch, window)
+        attend = attention if hooks is None or hooks.attend is None else hooks.attend
+        o = attend(cfg, q, k, v, k_cache, v_cache, layer, batch, window)
         o = proj(o.reshape(o.shape[0], -1), "wo")
         if lp.bo is not None:
             o = o + lp.bo[None]
@@ -136,7 +156,8 @@ def _layer(
 
 
 def hidden_states(
-    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache
+    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache,
+    hooks: LayerHooks | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Final-norm hidden states [T, D] of every token, and the updated cache."""
     if batch.copy_src is not None:
@@ -151,7 +172,7 @@ def hidden_states(
     xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(cfg.sliding_layer_mask))
 
     def body(carry: tuple, layer_xs: tuple) -> tuple[tuple, None]:
-        return _layer(cfg, batch, rope, params.layers, carry, layer_xs)
+        return _layer(cfg, batch, rope, params.layers, carry, layer_xs, hooks)
 
     (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
