@@ -72,7 +72,7 @@ def test_ring_prefill_then_decode_equal_one_device(data: int, tensor: int,
 
     tokens, ref_tokens = [int(jnp.argmax(logits))], [int(jnp.argmax(ref[0]))]
     for i in range(3):
-        def step_of(tok: int) -> Batch:
+        def step_of(tok: int, i: int = i) -> Batch:
             return Batch.from_step(build_step_batch(
                 [SequenceChunk([tok], len(prompt) + i, pages)], page_size=PAGE,
                 num_slots=NP * PAGE))
