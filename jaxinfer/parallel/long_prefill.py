@@ -162,3 +162,54 @@ def _ring_prefill_jit(params: Any, cfg: ModelConfig, cache: KVCache, tokens: jax
     # gather of the sequence.
     x_last = jnp.sum(jnp.where((positions == last)[:, None], x, jnp.zeros((), x.dtype)), axis=0)
     return compute_logits(params, cfg, x_last[None])[0], cache
+
+
+def prefill_by_plan(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]], plan: Any,
+                    *, devices: Sequence[jax.Device] | None = None,
+                    page_size: int = 16) -> list[jax.Array]:
+    """Execute an adaptive sequence-parallel plan (`jaxinfer.parallel.adaptive`).
+
+    Each prompt runs where the plan put it: split prompts as a ring prefill over their group
+    of devices (a sub-mesh), whole prompts as an ordinary prefill on their one device. Work
+    on different devices is dispatched without waiting, so it overlaps. Each placement gets
+    its own KV pool on its devices (sized to the prompt); returns the last-token logits [V]
+    of every prompt, in batch order.
+    """
+    from jaxinfer.batch import SequenceChunk, build_step_batch
+    from jaxinfer.cache import init_cache
+    from jaxinfer.model.transformer import forward
+    from jaxinfer.parallel.sharding import make_mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    if plan.num_devices != len(devices):
+        raise InputError(f"the plan is for {plan.num_devices} devices, {len(devices)} given")
+    if len(plan.placements) != len(prompts):
+        raise InputError(f"the plan places {len(plan.placements)} prompts, {len(prompts)} given")
+    if cfg.matmul_impl == "cpu" or cfg.attention_impl == "cpu":
+        cfg = cfg.replace(matmul_impl="xla", attention_impl="xla")
+    step_fn = jax.jit(forward, static_argnums=1)
+    outputs: list[jax.Array | None] = [None] * len(prompts)
+    on_device: dict[Any, Any] = {}
+    for place in plan.placements:
+        prompt = list(prompts[place.sequence])
+        group = devices[place.first_device:place.first_device + place.num_devices]
+        if place.num_devices > 1:
+            mesh = make_mesh(1, 1, len(group), devices=group)
+            n = len(group)
+            pages = 2 * n * -(-len(prompt) // (2 * n * page_size))
+            replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+            logits, _, _ = ring_prefill(replicated, cfg, init_cache(cfg, pages, page_size),
+                                        prompt, mesh=mesh)
+            outputs[place.sequence] = logits
+        else:
+            device = group[0]
+            if device not in on_device:
+                on_device[device] = jax.device_put(params, device)
+            pages = -(-len(prompt) // page_size)
+            step = build_step_batch([SequenceChunk(prompt, 0, list(range(pages)))],
+                                    page_size=page_size, num_slots=pages * page_size)
+            cache = jax.device_put(init_cache(cfg, pages, page_size), device)
+            batch = jax.device_put(Batch.from_step(step), device)
+            logits, _ = step_fn(on_device[device], cfg, batch, cache)
+            outputs[place.sequence] = logits[0]
+    return outputs  # type: ignore[return-value]

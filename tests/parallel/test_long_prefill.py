@@ -7,6 +7,7 @@ collective-permute (no all-gather) and each device's memory is a fraction of one
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import chex
@@ -131,3 +132,25 @@ def test_memory_per_device_is_a_share() -> None:
     pool = 2 * cfg.num_layers * (2 * T // PAGE + 16) * PAGE * cfg.num_kv_heads * cfg.head_dim * 4
     weights = sum(int(np.prod(a.shape)) * 4 for a in jax.tree.leaves(abstract_params(cfg)))
     assert ring.argument_size_in_bytes < weights + pool / 8 + 3 * T * 4
+
+
+def test_adaptive_plan_executes_and_equals_one_device() -> None:
+    """A long prompt split over a ring of devices, short ones whole: same logits."""
+    from jaxinfer.parallel.adaptive import SPCostModel, plan_adaptive
+
+    params = init_params(CFG, seed=4, scale=0.3)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (300, 12, 12, 12)]
+    cost = SPCostModel.from_model_dims(64, 128, 2, 8, 2, 16, device_flops=1e12,
+                                       link_bytes_per_s=1e9, device_memory_bytes=1e12,
+                                       ring_step_latency_s=1e-4)
+    # Memory for ~200 tokens per device: the 300-token prompt must be split.
+    cost = dataclasses.replace(cost, device_memory_bytes=200 * cost.memory_bytes(1))
+    plan = plan_adaptive([len(p) for p in prompts], 8, cost)
+    assert plan.split_indices() == (0,)
+    outs = lp.prefill_by_plan(params, CFG, prompts, plan, page_size=PAGE)
+    for prompt, out in zip(prompts, outs, strict=True):
+        step = build_step_batch([SequenceChunk(prompt, 0, list(range(-(-len(prompt) // PAGE))))],
+                                page_size=PAGE, num_slots=NP * PAGE)
+        ref, _ = _forward(params, CFG, Batch.from_step(step), init_cache(CFG, NP, PAGE))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref[0]), atol=5e-5, rtol=0)
