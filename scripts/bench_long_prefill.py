@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled = jitted.lower(params, CFG, Batch.from_step(step), one_cache).compile()
         row = dict(workload="long_prefill", system="single-device", tokens=T, **common,
                    **memory(compiled), prompt_kv_total_mib=round(T * kv_per_token / MiB, 2))
-        if T <= args.run_single_max:
+        if args.run_single_max >= T:
             jax.block_until_ready(jitted(params, CFG, Batch.from_step(step), one_cache))
             one_cache = init_cache(CFG, num_pages, PAGE)
             t0 = time.perf_counter()
