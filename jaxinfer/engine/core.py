@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxinfer.batch import build_step_batch
@@ -109,6 +112,15 @@ class EngineCore:
         self.eos_ids = frozenset(tokenizer.stop_token_ids) | frozenset(cfg.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        # Several processes (jax.distributed) run the same requests in the same order and
+        # must sample the same tokens: unseeded requests draw from one generator whose seed
+        # process 0 broadcasts (a per-process random seed would silently diverge).
+        self._seed_source: random.Random | None = None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            base = multihost_utils.broadcast_one_to_all(np.uint32(secrets.randbits(32)))
+            self._seed_source = random.Random(int(base))
         self.steps = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -136,6 +148,11 @@ class EngineCore:
                 f"{self.max_model_len} (prompt + output); shorten the prompt")
         return min(params.max_tokens, self.max_model_len - len(prompt_ids))
 
+    def _seed_for(self, params: SamplingParams) -> int:
+        if params.seed is None and self._seed_source is not None:
+            return self._seed_source.getrandbits(32)
+        return resolve_seed(params)
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None, on_output: OutputCallback | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> str:
@@ -154,7 +171,7 @@ class EngineCore:
                           max_new_tokens=max_new, priority=priority)
         self.scheduler.add_request(request)
         self._tracked[request_id] = _Tracked(
-            request=request, seed=resolve_seed(params), on_output=on_output, arrival=arrival,
+            request=request, seed=self._seed_for(params), on_output=on_output, arrival=arrival,
             output=OutputState.create(request_id, prompt, params, self.tokenizer,
                                       self.eos_ids))
         return request_id

@@ -51,6 +51,14 @@ def generate(mesh: jax.sharding.Mesh | None) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(_prompts(cfg), greedy)]
 
 
+def sample_unseeded(mesh: jax.sharding.Mesh | None) -> list[list[int]]:
+    """Sampled tokens (temperature 1, no seed): every process must draw the same ones."""
+    params, cfg = model()
+    llm = jaxinfer.LLM(params, cfg, _Tokenizer(), mesh=mesh, **ENGINE_OPTIONS)
+    sampled = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(_prompts(cfg), sampled)]
+
+
 def prefill_logits(mesh: jax.sharding.Mesh | None) -> np.ndarray:
     """Logits [S, V] of one ragged prefill of the prompts through the raw `forward`."""
     params, cfg = model()
@@ -96,7 +104,7 @@ def main() -> None:
     for data, tensor in meshes:
         mesh = make_mesh(data, tensor)
         result["meshes"][f"{data}x{tensor}"] = dict(
-            summary=mesh_summary(mesh), tokens=generate(mesh),
+            summary=mesh_summary(mesh), tokens=generate(mesh), sampled=sample_unseeded(mesh),
             logits=prefill_logits(mesh).tolist())
     args.out.write_text(json.dumps(result))
     jax.distributed.shutdown()

@@ -112,6 +112,8 @@ def test_two_processes_generate_like_one(tmp_path: Path) -> None:
             where = f"process {i}, {name} mesh"
             assert got["summary"].endswith(f"over 8 devices ({NUM_PROCESSES} processes)")
             assert got["tokens"] == want_tokens, where
+            # Unseeded sampling: both processes draw the same tokens (seed from process 0).
+            assert got["sampled"] == results[0]["meshes"][name]["sampled"], where
             logits = np.asarray(got["logits"], np.float32)
             np.testing.assert_array_equal(logits, results[0]["meshes"][name]["logits"], where)
             np.testing.assert_allclose(logits, in_process[name][1], atol=SAME_MESH_TOL, rtol=0,
