@@ -197,7 +197,8 @@ def compute_logits(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def forward(
-    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache, *, all_logits: bool = False
+    params: Params, cfg: ModelConfig, batch: Batch, cache: KVCache, *, all_logits: bool = False,
+    hooks: LayerHooks | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run one ragged step.
 
@@ -208,11 +209,12 @@ def forward(
       cache: the KV cache; the new tokens' keys/values are written into it.
       all_logits: return logits for every token [T, V] instead of each sequence's last
         new token [S, V] (the LM head is the costliest matmul of a prefill step).
+      hooks: replacements for the cache write / attention (sequence parallelism).
 
     Returns:
       (float32 logits, updated cache).
     """
-    x, cache = hidden_states(params, cfg, batch, cache)
+    x, cache = hidden_states(params, cfg, batch, cache, hooks)
     if not all_logits:
         x = jnp.take(x, batch.logits_indices, axis=0)
     with jax.named_scope("lm_head"):

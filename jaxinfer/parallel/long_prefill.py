@@ -213,3 +213,61 @@ def prefill_by_plan(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[in
             logits, _ = step_fn(on_device[device], cfg, batch, cache)
             outputs[place.sequence] = logits[0]
     return outputs  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ decode over a page-sharded pool
+
+def sequence_parallel_decode_hooks(mesh: Mesh, cache_spec: PartitionSpec, *,
+                                   axis_name: str = "sequence") -> LayerHooks:
+    """Decode attention over a KV pool whose pages are split over `axis_name`.
+
+    Each device attends the decode queries to the keys on its own pages only and returns a
+    partial softmax (output and log-sum-exp); the partials merge with one `pmax` and two
+    `psum`s of [S, H, E]-sized arrays. No device reads another's pages (GSPMD's generic
+    partitioning of the page gather would bring every page of a layer to every device).
+    Batches must be decode-only (one token per sequence, token s of sequence s).
+    """
+    head_axis = cache_spec[3] if len(cache_spec) > 3 else None
+    q_spec = PartitionSpec(None, head_axis, None)
+
+    def local(q, k_cache, v_cache, layer, kv_lens, page_table, window, *, sm_scale, soft_cap):
+        per_device = k_cache.shape[1]
+        first = jax.lax.axis_index(axis_name) * per_device
+        local_ids = page_table - first
+        owned = (local_ids >= 0) & (local_ids < per_device)  # [S, P]
+        k = k_cache[layer][jnp.clip(local_ids, 0, per_device - 1)]  # [S, P, C, K, E]
+        v = v_cache[layer][jnp.clip(local_ids, 0, per_device - 1)]
+        S, P, C, K, E = k.shape
+        H = q.shape[1]
+        G = H // K
+        k = k.reshape(S, P * C, K, E).astype(jnp.float32)
+        v = v.reshape(S, P * C, K, E).astype(jnp.float32)
+        pos = jnp.arange(P * C, dtype=jnp.int32)
+        mask = jnp.repeat(owned, C, axis=1) & (pos[None, :] < kv_lens[:, None])
+        mask &= (kv_lens[:, None] - 1 - pos[None, :]) < window
+        qs = q.reshape(S, K, G, E).astype(jnp.float32)
+        scores = jnp.einsum("skge,snke->skgn", qs, k) * sm_scale
+        if soft_cap is not None:
+            scores = jnp.tanh(scores / soft_cap) * soft_cap
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        m_local = jnp.max(scores, axis=-1)  # [S, K, G]
+        m = jax.lax.pmax(m_local, axis_name)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(scores - m[..., None])
+        num = jax.lax.psum(jnp.einsum("skgn,snke->skge", p, v), axis_name)
+        den = jax.lax.psum(jnp.sum(p, axis=-1), axis_name)
+        out = num / jnp.where(den > 0, den, 1.0)[..., None]
+        return out.reshape(S, H, E).astype(q.dtype)
+
+    def attend(cfg, q, k, v, k_cache, v_cache, layer, batch, window):
+        if window is None:
+            window = jnp.int32(1 << 30)
+        f = functools.partial(local, sm_scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap)
+        return jax.shard_map(
+            f, mesh=mesh,
+            in_specs=(q_spec, cache_spec, cache_spec, PartitionSpec(), PartitionSpec(),
+                      PartitionSpec(), PartitionSpec()),
+            out_specs=q_spec)(q, k_cache, v_cache, layer, batch.kv_lens, batch.page_table,
+                              jnp.asarray(window, jnp.int32))
+
+    return LayerHooks(attend=attend)

@@ -1,7 +1,8 @@
 """Long-prompt prefill with ring attention over the `sequence` axis (8 fake devices).
 
 The ring prefill's logits and cache equal a single-device prefill; decode continues from
-the page-sharded cache with the same tokens; the compiled program moves keys/values only by
+the page-sharded cache with the same tokens (sequence-parallel decode attention: no page
+leaves its device); the compiled program moves keys/values only by
 collective-permute (no all-gather) and each device's memory is a fraction of one device's.
 """
 
@@ -71,18 +72,24 @@ def test_ring_prefill_then_decode_equal_one_device(data: int, tensor: int,
         chex.assert_trees_all_close(jax.device_get(cache), jax.device_get(ref_cache),
                                     atol=5e-5, rtol=0)
 
+    # Decode continues from the page-sharded cache: each device attends over its own pages.
+    hooks = lp.sequence_parallel_decode_hooks(mesh, cache.k.sharding.spec)
+    decode = jax.jit(lambda p, b, c: forward(p, cfg, b, c, hooks=hooks))
     tokens, ref_tokens = [int(jnp.argmax(logits))], [int(jnp.argmax(ref[0]))]
     for i in range(3):
         def step_of(tok: int, i: int = i) -> Batch:
             return Batch.from_step(build_step_batch(
                 [SequenceChunk([tok], len(prompt) + i, pages)], page_size=PAGE,
                 num_slots=NP * PAGE))
-        out, cache = _forward(sharded, cfg, step_of(tokens[-1]), cache)
+        out, cache = decode(sharded, step_of(tokens[-1]), cache)
         ref, ref_cache = _forward(params, CFG, step_of(ref_tokens[-1]), ref_cache)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=5e-5, rtol=0)
         tokens.append(int(jnp.argmax(out[0])))
         ref_tokens.append(int(jnp.argmax(ref[0])))
     assert tokens == ref_tokens
+    assert cache.k.sharding.spec[1] == "sequence"
+    text = decode.lower(sharded, step_of(tokens[-1]), cache).compile().as_text()
+    assert "all-gather" not in text  # no device fetches another's pages
 
 
 def _compiled_ring_prefill(cfg: ModelConfig, T: int, mesh):
