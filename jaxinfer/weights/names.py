@@ -8,6 +8,8 @@ llama.cpp's q/k row permutation and Gemma's norm offset (GGUF only).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,6 +105,28 @@ def part_shapes(entry: TensorEntry, cfg: ModelConfig) -> list[tuple[int, ...]]:
         "w_gate_up": [(F, D), (F, D)], "w_down": [(D, F)],
     }
     return shapes.get(name, [(D,)])  # the remaining fields are [D] norms
+
+
+class CheckpointTensor(NamedTuple):
+    """One checkpoint tensor: part `part` of `entry` for layer `layer` (None: not per layer)."""
+
+    entry: TensorEntry
+    layer: int | None
+    part: int
+    name: str
+    shape: tuple[int, ...]
+
+
+def checkpoint_tensors(cfg: ModelConfig, fmt: str = "hf") -> Iterator[CheckpointTensor]:
+    """Every checkpoint tensor of a model of `cfg` in `fmt` ("hf" or "gguf"), in load order:
+    entry by entry, layer by layer, parts in `split_parts` order. Exporters walk this to
+    write exactly what the loader reads."""
+    for entry in tensor_entries(cfg):
+        shapes = part_shapes(entry, cfg)
+        for i in range(cfg.num_layers) if entry.per_layer else [None]:
+            for part, (template, shape) in enumerate(zip(getattr(entry, fmt), shapes,
+                                                         strict=True)):
+                yield CheckpointTensor(entry, i, part, template.format(i=i), shape)
 
 
 def combine_parts(entry: TensorEntry, parts: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
