@@ -352,12 +352,14 @@ def test_resume_continues_the_run_exactly():
 
 
 def test_cli_trains_and_prints_its_config(capsys, tmp_path):
+    # A LoRA run: the exported models hold the merged weights.
     ours, hf = tmp_path / "ours", tmp_path / "hf"
-    assert main(["train", *RUN_FLAGS, "--output-dir", str(ours), "--export-hf", str(hf)]) == 0
+    assert main(["train", *RUN_FLAGS, "--lora-rank", "4", "--lora-alpha", "8",
+                 "--output-dir", str(ours), "--export-hf", str(hf)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["train_config"]["steps"] == 3
     assert lines[0]["train_config"]["tiny"] == "tiny"
-    assert lines[1]["trainable_params"] > 0
+    assert lines[1]["trainable_params"] > 0 and lines[1]["mode"] == "lora rank 4"
     assert [line["step"] for line in lines if "eval_loss" in line] == [2, 3]
     final = next(line for line in lines if "final_loss" in line)
     assert final["steps"] == 3 and final["final_loss"] > 0
