@@ -108,8 +108,8 @@ def decode_attention(rec: Recorder, peaks: dict[str, float], smoke: bool, interp
     )
 
     H, K, E, C = (4, 2, 16, 16) if smoke else (32, 8, 128, 16)
-    contexts = (32, 64) if smoke else (1024, 4096, 16384)
-    batches = (1, 2) if smoke else (1, 8, 64)
+    contexts = (48,) if smoke else (1024, 4096, 16384)
+    batches = (2,) if smoke else (1, 8, 64)
     dtype = jnp.bfloat16
     for ctx in contexts:
         for B in batches:
@@ -227,7 +227,7 @@ def e2e_decode(rec: Recorder, peaks: dict[str, float], smoke: bool, with_hf: boo
 
     cfg = llama_8b_config(smoke)
     ctx = 32 if smoke else 1024
-    batches = (1, 2) if smoke else (1, 16, 64)
+    batches = (1,) if smoke else (1, 16, 64)
     C = 16
     params = init_params_on_device(cfg, seed=0)
     # Bytes a decode step must read: every weight but the embedding table (a gather).
