@@ -208,16 +208,15 @@ def _time_prefill(f: Callable[..., jax.Array], args: tuple, flops: float, peak: 
 
 def llama_8b_config(smoke: bool):
     from jaxinfer.config import ModelConfig, RopeConfig
+    from jaxinfer.roofline import MODEL_SHAPES
 
     if smoke:
         return ModelConfig(family="llama", vocab_size=256, hidden_size=64,
                            intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=16, max_position_embeddings=512, dtype="bfloat16",
                            rope=RopeConfig(theta=500000.0))
-    return ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
-                       intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                       head_dim=128, max_position_embeddings=8192, dtype="bfloat16",
-                       rope=RopeConfig(theta=500000.0), rms_norm_eps=1e-5)
+    return MODEL_SHAPES["llama-3-8b"].replace(dtype="bfloat16", rope=RopeConfig(theta=500000.0),
+                                              rms_norm_eps=1e-5)
 
 
 def e2e_decode(rec: Recorder, peaks: dict[str, float], smoke: bool, with_hf: bool) -> None:

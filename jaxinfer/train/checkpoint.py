@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.weights.orbax_io import crc32
 
 STATE_ITEM = "state"
 MANIFEST_ITEM = "manifest"
@@ -123,12 +123,8 @@ def _from_host(leaf: _HostLeaf) -> Any:
     return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, parts)
 
 
-def _crc32(piece: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
-
-
 def _checksums(leaf: _HostLeaf) -> list[dict[str, Any]]:
-    return [{"index": [list(r) for r in key], "crc32": _crc32(piece)}
+    return [{"index": [list(r) for r in key], "crc32": crc32(piece)}
             for key, piece in sorted(leaf.pieces.items())]
 
 
@@ -147,11 +143,11 @@ def _verify(where: str, entry: dict[str, Any], leaf: Any) -> None:
                 continue  # another process holds this range and checks it
             whole = np.asarray(leaf) if whole is None else whole
             data = whole[tuple(slice(a, b) for a, b in key)]
-        if _crc32(data) != piece["crc32"]:
+        if crc32(data) != piece["crc32"]:
             raise CheckpointError(
                 f"cannot restore {where}: tensor '{entry['path']}' does not match its checksum "
                 f"(range {piece['index']}: saved crc32 {piece['crc32']:08x}, read "
-                f"{_crc32(data):08x}); its data file is corrupt, restore an earlier step")
+                f"{crc32(data):08x}); its data file is corrupt, restore an earlier step")
 
 
 def _leaf_paths(tree: Any) -> tuple[list[str], list[Any], Any]:

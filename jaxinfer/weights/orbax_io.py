@@ -144,7 +144,8 @@ def _quiet_orbax() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _crc32(array: np.ndarray) -> int:
+def crc32(array: np.ndarray) -> int:
+    """CRC32 of an array's bytes (C order): the checksum of our model and train checkpoints."""
     return zlib.crc32(memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1)))
 
 
@@ -190,7 +191,7 @@ def save_model_dir(
         record: dict[str, Any] = {"shape": list(value.shape), "dtype": cfg.dtype,
                                   "bytes": int(value.size) * dtype.itemsize}
         if getattr(value, "is_fully_addressable", True):
-            record["crc32"] = _crc32(np.asarray(jax.device_get(value)))
+            record["crc32"] = crc32(np.asarray(jax.device_get(value)))
         tensors[name] = record
     tree = _nest(fields)
     with output_folder(path, overwrite) as folder:
@@ -335,7 +336,7 @@ def load_model_dir(
         value = tree["layers"][name[len("layers."):]] if name.startswith("layers.") else tree[name]
         want = records[name].get("crc32")
         if verify and want is not None and value.is_fully_addressable:
-            got = _crc32(np.asarray(jax.device_get(value)))
+            got = crc32(np.asarray(jax.device_get(value)))
             if got != want:
                 raise CheckpointError(
                     f"tensor {name!r} in {folder / name} fails its checksum (crc32 {got:#010x}, "

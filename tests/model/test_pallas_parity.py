@@ -15,26 +15,18 @@ import pytest
 
 from jaxinfer.batch import SequenceChunk, build_step_batch
 from jaxinfer.cache import init_cache
-from jaxinfer.config import ModelConfig, RopeConfig
+from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.model.params import init_params
 from jaxinfer.model.transformer import Batch, forward
+from tests.model.test_forward import CONFIGS as FORWARD_CONFIGS
 
 PAGE = 16
 TOL = 5e-5
 
-CONFIGS = {
-    "llama": ModelConfig(family="llama", vocab_size=97, hidden_size=48, intermediate_size=64,
-                         num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16,
-                         max_position_embeddings=128),
-    "gemma3": ModelConfig(family="gemma3", vocab_size=97, hidden_size=32, intermediate_size=48,
-                          num_layers=3, num_heads=4, num_kv_heads=1, head_dim=16,
-                          max_position_embeddings=128, layer_types=("sliding", "full", "sliding"),
-                          sliding_window=5, qk_norm=True, norm_weight_offset=1.0,
-                          sandwich_norms=True, hidden_act="gelu_tanh", embed_scale=32**0.5,
-                          tie_word_embeddings=True, local_rope=RopeConfig(theta=10000.0),
-                          rope=RopeConfig(theta=1e6), query_scale=0.2, attn_logit_softcap=3.0),
-}
+# test_forward's models with head dim 16 (the Triton kernel's minimum) and a soft cap.
+CONFIGS = {"llama": FORWARD_CONFIGS["llama"].replace(head_dim=16),
+           "gemma3": FORWARD_CONFIGS["gemma3"].replace(attn_logit_softcap=3.0)}
 
 _forward = jax.jit(forward, static_argnums=1)
 

@@ -7,8 +7,6 @@ KV heads than the tensor degree; the serving engine generates the same greedy to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import chex
 import jax
 import numpy as np
@@ -29,6 +27,7 @@ from jaxinfer.parallel.sharding import (
     shard_params,
 )
 from jaxinfer.sampling import SamplingParams
+from tests.engine.test_engine_equivalence import _Tokenizer
 
 TOL = 5e-5
 MESHES = [(1, 8), (2, 4), (4, 2)]
@@ -123,20 +122,6 @@ def test_bad_degrees_are_named() -> None:
         make_mesh(2, 3)
     with pytest.raises(ConfigError, match="unknown logical axes"):
         ShardingRules().replace(hidden="tensor")
-
-
-class _Tokenizer:
-    """What the engine needs of a tokenizer (one character per id)."""
-
-    stop_token_ids: tuple[int, ...] = ()
-    byte_fallback_ids: frozenset[int] = frozenset()
-    special_ids: frozenset[int] = frozenset()
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(0x100 + int(i)) for i in ids)
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) - 0x100 for c in text]
 
 
 def test_engine_generates_the_same_tokens_on_a_mesh() -> None:
