@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,17 @@ def bible_text(first: int = 0, count: int = 10) -> str:
     with open(path) as f:
         lines = f.readlines()[first:first + count]
     return " ".join(json.loads(line)["text"] for line in lines)
+
+
+class CharTokenizer:
+    """What the engine needs of a tokenizer: stop ids and a decode (one char per id)."""
+
+    stop_token_ids: tuple[int, ...] = ()
+    byte_fallback_ids: frozenset[int] = frozenset()
+    special_ids: frozenset[int] = frozenset()
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x100 + int(i)) for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 0x100 for c in text]

@@ -47,6 +47,7 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.model.params import init_params
 from jaxinfer.model.transformer import Batch, forward
 from jaxinfer.sampling import SamplingParams
+from tests.models import CharTokenizer
 
 CFG = ModelConfig(family="llama", vocab_size=128, hidden_size=32, intermediate_size=48,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -90,18 +91,7 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-class _Tokenizer:
-    """What the engine needs of a tokenizer: stop ids and a decode (one char per id)."""
-
-    stop_token_ids: tuple[int, ...] = ()
-    byte_fallback_ids: frozenset[int] = frozenset()
-    special_ids: frozenset[int] = frozenset()
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(0x100 + int(i)) for i in ids)
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) - 0x100 for c in text]
+_Tokenizer = CharTokenizer
 
 
 # --------------------------------------------------------------------------------- the oracle

@@ -27,7 +27,7 @@ from jaxinfer.parallel.sharding import (
     shard_params,
 )
 from jaxinfer.sampling import SamplingParams
-from tests.engine.test_engine_equivalence import _Tokenizer
+from tests.models import CharTokenizer as _Tokenizer
 
 TOL = 5e-5
 MESHES = [(1, 8), (2, 4), (4, 2)]
