@@ -92,6 +92,65 @@ def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array
     return linear(x, w_stacked[layer])
 
 
+def qkv_heads(
+    cfg: ModelConfig, layers: LayerParams, lp: LayerParams, layer: jax.Array, x: jax.Array,
+    rope: tuple[jax.Array, ...], is_sliding: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Layer `layer`'s rotated queries [T, H, E], keys and values [T, K, E] for x [T, D].
+
+    `layers` is the stacked weights (read in place by `dense`), `lp` the layer's slice.
+    """
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+    h = rms_norm(x, lp.attn_norm, eps, offset)
+    T, K, G, E = x.shape[0], cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
+    qkv = dense(cfg, h, layers.wqkv, layer)
+    if lp.bqkv is not None:
+        qkv = qkv + lp.bqkv[None]
+    qkv = qkv.reshape(T, K, G + 2, E)  # per KV head: G query heads, key, value
+    q = qkv[:, :, :G].reshape(T, K * G, E)  # [T, H, E]
+    k, v = qkv[:, :, G], qkv[:, :, G + 1]  # [T, K, E]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp.q_norm, eps, offset)
+        k = rms_norm(k, lp.k_norm, eps, offset)
+    cos, sin = rope[0], rope[1]
+    if len(rope) == 4:  # per-layer choice between global and local RoPE
+        cos = jnp.where(is_sliding, rope[2], cos)
+        sin = jnp.where(is_sliding, rope[3], sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def layer_window(cfg: ModelConfig, is_sliding: jax.Array) -> jax.Array | None:
+    """The layer's sliding window (traced per layer), or None for a model without one."""
+    if not cfg.has_sliding_layers:
+        return None
+    return jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
+
+
+def attention_out_and_mlp(
+    cfg: ModelConfig, layers: LayerParams, lp: LayerParams, layer: jax.Array, x: jax.Array,
+    o: jax.Array,
+) -> jax.Array:
+    """The rest of a layer after attention: output projection, residual, MLP, residual.
+
+    `o` is the attention output [T, H, E]; returns the layer's output [T, D].
+    """
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
+    o = dense(cfg, o.reshape(o.shape[0], -1), layers.wo, layer)
+    if lp.bo is not None:
+        o = o + lp.bo[None]
+    if cfg.sandwich_norms:
+        o = rms_norm(o, lp.post_attn_norm, eps, offset)
+    x = x + o
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp.mlp_norm, eps, offset)
+        gate_up = dense(cfg, h, layers.w_gate_up, layer).reshape(h.shape[0], -1, 2)
+        m = dense(cfg, activation(cfg.hidden_act, gate_up[..., 0]) * gate_up[..., 1],
+                  layers.w_down, layer)
+        if cfg.sandwich_norms:
+            m = rms_norm(m, lp.post_mlp_norm, eps, offset)
+        return x + m
+
+
 def _layer(
     cfg: ModelConfig, batch: Batch, rope: tuple[jax.Array, ...], layers: LayerParams,
     carry: tuple, xs: tuple, hooks: LayerHooks | None = None,
@@ -101,30 +160,9 @@ def _layer(
     # The stacked weights are indexed here rather than sliced by the scan, so that a native
     # matmul can read its layer in place (see `dense`); XLA fuses the slice either way.
     lp: LayerParams = jax.tree.map(lambda a: a[layer], layers)
-    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
-
-    def proj(x: jax.Array, name: str) -> jax.Array:
-        return dense(cfg, x, getattr(layers, name), layer)
 
     with jax.named_scope("attention"):
-        h = rms_norm(x, lp.attn_norm, eps, offset)
-        T, K, G, E = x.shape[0], cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
-        qkv = proj(h, "wqkv")
-        if lp.bqkv is not None:
-            qkv = qkv + lp.bqkv[None]
-        qkv = qkv.reshape(T, K, G + 2, E)  # per KV head: G query heads, key, value
-        q = qkv[:, :, :G].reshape(T, K * G, E)  # [T, H, E]
-        k, v = qkv[:, :, G], qkv[:, :, G + 1]  # [T, K, E]
-        if cfg.qk_norm:
-            q = rms_norm(q, lp.q_norm, eps, offset)
-            k = rms_norm(k, lp.k_norm, eps, offset)
-        cos, sin = rope[0], rope[1]
-        if len(rope) == 4:  # per-layer choice between global and local RoPE
-            cos = jnp.where(is_sliding, rope[2], cos)
-            sin = jnp.where(is_sliding, rope[3], sin)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-
+        q, k, v = qkv_heads(cfg, layers, lp, layer, x, rope, is_sliding)
         # Write this step's keys/values, then attend over the cache (they are included).
         if hooks is not None and hooks.write_kv is not None:
             k_cache, v_cache = hooks.write_kv(k_cache, v_cache, layer, k, v, batch)
@@ -133,26 +171,27 @@ def _layer(
             page, slot = batch.slot_mapping // C, batch.slot_mapping % C
             k_cache = k_cache.at[layer, page, slot].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[layer, page, slot].set(v.astype(v_cache.dtype), mode="drop")
-        window = None
-        if cfg.has_sliding_layers:
-            window = jnp.where(is_sliding, np.int32(cfg.sliding_window), _NO_WINDOW)
         attend = attention if hooks is None or hooks.attend is None else hooks.attend
-        o = attend(cfg, q, k, v, k_cache, v_cache, layer, batch, window)
-        o = proj(o.reshape(o.shape[0], -1), "wo")
-        if lp.bo is not None:
-            o = o + lp.bo[None]
-        if cfg.sandwich_norms:
-            o = rms_norm(o, lp.post_attn_norm, eps, offset)
-        x = x + o
-
-    with jax.named_scope("mlp"):
-        h = rms_norm(x, lp.mlp_norm, eps, offset)
-        gate_up = proj(h, "w_gate_up").reshape(h.shape[0], -1, 2)  # [T, F, 2] interleaved
-        m = proj(activation(cfg.hidden_act, gate_up[..., 0]) * gate_up[..., 1], "w_down")
-        if cfg.sandwich_norms:
-            m = rms_norm(m, lp.post_mlp_norm, eps, offset)
-        x = x + m
+        o = attend(cfg, q, k, v, k_cache, v_cache, layer, batch, layer_window(cfg, is_sliding))
+    x = attention_out_and_mlp(cfg, layers, lp, layer, x, o)
     return (x, k_cache, v_cache), None
+
+
+def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Embeddings [T, D] of tokens [T] (scaled for Gemma)."""
+    with jax.named_scope("embed"):
+        x = jnp.take(params.embed, tokens, axis=0)
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        return x
+
+
+def layer_rope(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, ...]:
+    """RoPE tables for `positions`: (cos, sin), plus the local pair for sliding layers."""
+    rope = rope_tables(cfg.rope, cfg, positions)
+    if cfg.local_rope is not None and cfg.has_sliding_layers:
+        rope = rope + rope_tables(cfg.local_rope, cfg, positions)
+    return rope
 
 
 def hidden_states(
@@ -162,13 +201,8 @@ def hidden_states(
     """Final-norm hidden states [T, D] of every token, and the updated cache."""
     if batch.copy_src is not None:
         cache = copy_pages(cache, batch.copy_src, batch.copy_dst)
-    with jax.named_scope("embed"):
-        x = jnp.take(params.embed, batch.tokens, axis=0)
-        if cfg.embed_scale is not None:
-            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-    rope = rope_tables(cfg.rope, cfg, batch.positions)
-    if cfg.local_rope is not None and cfg.has_sliding_layers:
-        rope = rope + rope_tables(cfg.local_rope, cfg, batch.positions)
+    x = embed_tokens(params, cfg, batch.tokens)
+    rope = layer_rope(cfg, batch.positions)
     xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(cfg.sliding_layer_mask))
 
     def body(carry: tuple, layer_xs: tuple) -> tuple[tuple, None]:
