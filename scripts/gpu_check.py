@@ -12,6 +12,9 @@ Parts (one JSON object per result line, to stdout and to --out):
                    context 1024, batch 1/16/64: jaxinfer XLA path, Pallas path, and
                    Hugging Face transformers (torch) on the same card; the batch-1 figure
                    against the weights-plus-KV bytes roofline
+  quant_matmul     W4A16 / W8A16 Pallas matmul (group 128) vs a bf16 dense matmul at
+                   Llama-3-8B projection shapes (4096x4096, 14336x4096), batch 1/4/16/64:
+                   time, GB/s, speedup_vs_bf16; max abs error vs the reference at one shape
 
 `--smoke` shrinks every shape so the whole script runs on CPU in interpret mode (CI runs it
 that way to keep the script working); its numbers mean nothing.
@@ -38,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-PARTS = ("peaks", "decode_attention", "prefill_attention", "e2e_decode")
+PARTS = ("peaks", "decode_attention", "prefill_attention", "e2e_decode", "quant_matmul")
 
 
 class Recorder:
@@ -317,6 +320,95 @@ def _time_hf(torch: Any, model: Any, dev: str, B: int, ctx: int, vocab: int,
     return dict(step_ms=round(step * 1e3, 3), tok_s=round(B / step, 1))
 
 
+# ------------------------------------------------------------------ quantized matmul
+
+def quant_matmul(rec: Recorder, peaks: dict[str, float], smoke: bool, interpret: bool) -> None:
+    """Weight-only int4/int8 matmul against bf16 `x @ W.T`, one call per layer of a stack.
+
+    Each timed program runs the matmul over `layers` distinct weights (their total well past
+    the 50 MB L2), so neither launch overhead nor a cached weight flatters small shapes. The
+    first shape's batch-16 outputs are checked against the reference.
+    """
+    from pallas_kernels.quant_matmul import quant_matmul_gpu, quant_matmul_reference
+
+    shapes = ((64, 256),) if smoke else ((4096, 4096), (14336, 4096))  # (N, K)
+    batches = (1,) if smoke else (1, 4, 16, 64)
+    check_batch = batches[-1] if smoke else 16
+    g = 32 if smoke else 128
+    for N, K in shapes:
+        layers = 1 if smoke else max(4, min(32, -(-400_000_000 // (N * K // 2))))
+        keys = iter(jax.random.split(jax.random.key(N + K), 3 * layers + 8))
+        dense = [jax.random.normal(next(keys), (N, K), jnp.bfloat16) * 0.02
+                 for _ in range(layers)]
+        quantized = {bits: _random_quantized(keys, layers, N, K, bits, g) for bits in (4, 8)}
+        bf16 = jax.jit(lambda x, ws: [x @ w.T for w in ws])
+        for T in batches:
+            x = jax.random.normal(next(keys), (T, K), jnp.bfloat16)
+            io_bytes = T * K * 2 + T * N * 2
+            dense_bytes = N * K * 2 + io_bytes
+            times: dict[str, float] = {}
+            guarded(rec, dict(part="quant_matmul", system="bf16", N=N, K=K, batch=T,
+                              layers=layers, bytes=dense_bytes),
+                    functools.partial(_time_quant, bf16, (x, dense), layers, dense_bytes,
+                                      peaks["copy_gbs"], times, "bf16", smoke))
+            for bits, weights in quantized.items():
+                run = jax.jit(functools.partial(_quant_layers, quant_matmul_gpu, bits=bits,
+                                                group_size=g, interpret=interpret))
+                nbytes = N * K * bits // 8 + N * (K // g) * 2 + io_bytes
+                guarded(rec, dict(part="quant_matmul", system=f"w{bits}a16", N=N, K=K,
+                                  batch=T, group_size=g, layers=layers, bytes=nbytes),
+                        functools.partial(_time_quant, run, (x, weights), layers, nbytes,
+                                          peaks["copy_gbs"], times, f"w{bits}", smoke))
+                if shapes[0] == (N, K) and check_batch == T:
+                    guarded(rec, dict(part="quant_matmul_check", N=N, K=K, batch=T, bits=bits,
+                                      group_size=g),
+                            functools.partial(_quant_error, run, quant_matmul_reference, x,
+                                              weights, bits, g))
+        del dense, quantized  # free the weights before the next shape
+        gc.collect()
+
+
+def _random_quantized(keys, layers: int, N: int, K: int, bits: int,
+                      g: int) -> tuple[jax.Array, jax.Array]:
+    """Random stacked weights [L, N, K'] in the kernel's format (symmetric, bf16 scales)."""
+    if bits == 4:
+        q = jax.random.bits(next(keys), (layers, N, K // 2), jnp.uint8)
+    else:
+        q = jax.random.randint(next(keys), (layers, N, K), -127, 128, jnp.int8)
+    scale = jax.random.uniform(next(keys), (layers, N, K // g), jnp.bfloat16, 0.001, 0.01)
+    return q, scale
+
+
+def _quant_layers(kernel: Callable[..., jax.Array], x: jax.Array,
+                  weights: tuple[jax.Array, jax.Array], **kw: Any) -> list[jax.Array]:
+    q, scale = weights
+    return [kernel(x, q, scale, None, layer=layer, **kw) for layer in range(q.shape[0])]
+
+
+def _time_quant(f: Callable[..., Any], args: tuple, layers: int, nbytes: int, copy_gbs: float,
+                times: dict[str, float], name: str, smoke: bool) -> dict[str, Any]:
+    """Per-layer time of f(*args); quantized rows also get their speedup over bf16."""
+    t = median_time(functools.partial(f, *args), iters=2 if smoke else 10) / layers
+    times[name] = t
+    gbs = nbytes / t / 1e9
+    row = dict(time_us=round(t * 1e6, 2), gbs=round(gbs, 1), bw_util=round(gbs / copy_gbs, 3))
+    if name != "bf16" and "bf16" in times:
+        row["speedup_vs_bf16"] = round(times["bf16"] / t, 2)
+    return row
+
+
+def _quant_error(run: Callable[..., list[jax.Array]], reference: Callable[..., jax.Array],
+                 x: jax.Array, weights: tuple[jax.Array, jax.Array], bits: int,
+                 group_size: int) -> dict[str, Any]:
+    """Max abs error of the timed program's last-layer output (bf16) vs the reference."""
+    q, scale = weights
+    got = run(x, weights)[-1].astype(jnp.float32)
+    expected = reference(x, q, scale, None, bits=bits, group_size=group_size,
+                         layer=q.shape[0] - 1, out_dtype=jnp.float32)
+    return dict(max_abs_err=float(jnp.max(jnp.abs(got - expected))),
+                max_abs_ref=float(jnp.max(jnp.abs(expected))))
+
+
 # ------------------------------------------------------------------ summary
 
 def summarize(rows: list[dict[str, Any]]) -> list[str]:
@@ -340,6 +432,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
             ok = r["roofline_ratio"] <= 1.3
             lines.append(f"e2e decode batch 1 {r['system']}: {r['roofline_ratio']}x the "
                          f"bytes roofline ({'meets' if ok else 'misses'} 1.3x)")
+    quant = [r for r in rows if r.get("part") == "quant_matmul" and r.get("system") == "w4a16"
+             and r["batch"] <= 16 and "speedup_vs_bf16" in r]
+    for r in quant:
+        ok = r["speedup_vs_bf16"] >= 3.0
+        lines.append(f"W4A16 {r['N']}x{r['K']} batch {r['batch']}: {r['speedup_vs_bf16']}x "
+                     f"bf16 ({'meets' if ok else 'misses'} 3x)")
+    if quant:
+        worst = min(r["speedup_vs_bf16"] for r in quant)
+        lines.append(f"W4A16 >= 3x bf16 at batch <= 16: {'meets' if worst >= 3.0 else 'misses'} "
+                     f"(worst {worst}x)")
     by_shape: dict[tuple, dict[str, float]] = {}
     for r in rows:
         t = r.get("time_us") or r.get("time_ms") or r.get("step_ms")
@@ -384,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         prefill_attention(rec, peaks, args.smoke, interpret)
     if "e2e_decode" in parts:
         e2e_decode(rec, peaks, args.smoke, with_hf=not args.no_hf)
+    if "quant_matmul" in parts:
+        quant_matmul(rec, peaks, args.smoke, interpret)
     summary = summarize(rec.rows)
     rec(part="summary", wall_s=round(time.time() - t0, 1), bars=summary)
     print("\n".join(summary), file=sys.stderr)
