@@ -27,9 +27,10 @@ from jaxinfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.cc", "linear.cc")
+_SOURCES = ("paged_attention.cc", "linear.cc", "linear_quant.cc")
 _TARGET = "jaxinfer_ragged_paged_attention"
 _LINEAR = "jaxinfer_linear"
+_QUANT_LINEAR = "jaxinfer_quant_linear"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -101,6 +102,8 @@ def available() -> bool:
                     _TARGET, jax.ffi.pycapsule(library.RaggedPagedAttention), platform="cpu")
                 jax.ffi.register_ffi_target(
                     _LINEAR, jax.ffi.pycapsule(library.Linear), platform="cpu")
+                jax.ffi.register_ffi_target(
+                    _QUANT_LINEAR, jax.ffi.pycapsule(library.QuantLinear), platform="cpu")
                 _state["library"] = library
                 _state["ok"] = True
             except Exception as e:  # no compiler, no headers, unsupported platform
@@ -168,3 +171,85 @@ def linear(x: jax.Array, w_stacked: jax.Array, layer: jax.Array | int) -> jax.Ar
     call = jax.ffi.ffi_call(_LINEAR, jax.ShapeDtypeStruct((x.shape[0], w_stacked.shape[1]),
                                                           jnp.float32))
     return call(x, w_stacked, jnp.asarray(layer, jnp.int32))
+
+
+_QUANT_GROUP_SIZES = (16, 32, 64, 128, 256)
+_QUANT_SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def quant_linear_max_rows() -> int:
+    """Most rows for which the native quantized matmul beats XLA's f32 dot on the already
+    dequantized weight here: 1.3-1.9x still at 32 rows on SmolLM2-135M's shapes with
+    AVX-512 (scripts/bench_quant_linear.py); the AVX2 fallback applies a dequantized row to
+    4 tokens at a time and is unmeasured, so it stops at 8. Above it: dequantize + dot."""
+    return 32 if " avx512f" in f" {_cpu_signature()} " else 8
+
+
+def _check_quant_operands(x, q, scale, offset, bits: int, group_size: int) -> None:
+    """Raise ConfigError naming the first operand that does not follow the quantized format."""
+    if bits not in (4, 8):
+        raise ConfigError(f"quant_linear: bits={bits} is not supported; use 4 or 8")
+    if group_size not in _QUANT_GROUP_SIZES:
+        raise ConfigError(f"quant_linear: group_size={group_size} is not one of "
+                          f"{_QUANT_GROUP_SIZES}")
+    if x.ndim != 2 or x.dtype != jnp.float32:
+        raise ConfigError(f"quant_linear: x must be float32 [T, K], got {x.dtype} {x.shape}; "
+                          "cast the activations to float32")
+    K = x.shape[1]
+    if K % 32 or K % group_size:
+        raise ConfigError(f"quant_linear: K={K} must be a multiple of 32 and of group_size="
+                          f"{group_size}; use the XLA path (matmul_impl='xla') for this weight")
+    want = jnp.int8 if bits == 8 else jnp.uint8
+    if q.ndim != 3 or q.dtype != want:
+        raise ConfigError(f"quant_linear: bits={bits} needs q as {jnp.dtype(want).name} "
+                          f"[L, N, K{'' if bits == 8 else ' // 2'}], got {q.dtype} {q.shape}")
+    packed = K if bits == 8 else K // 2
+    if q.shape[2] != packed:
+        raise ConfigError(f"quant_linear: q {q.shape} does not match x's K={K} (bits={bits} "
+                          f"stores {packed} bytes per row)")
+    groups = (q.shape[0], q.shape[1], K // group_size)
+    for name, a in (("scale", scale), ("offset", offset)):
+        if a is None and name == "offset":
+            continue
+        if a.dtype not in _QUANT_SCALE_DTYPES:
+            raise ConfigError(f"quant_linear: {name} dtype {a.dtype} is not float32, float16 "
+                              "or bfloat16; convert it to float32")
+        if tuple(a.shape) != groups:
+            raise ConfigError(f"quant_linear: {name} shape {a.shape} should be [L, N, K // "
+                              f"group_size] = {groups}")
+
+
+def quant_linear(x: jax.Array, q_stacked: jax.Array, scale: jax.Array,
+                 offset: jax.Array | None, layer: jax.Array | int, *, bits: int,
+                 group_size: int) -> jax.Array:
+    """x [T, K] times layer `layer` of a stacked group-quantized weight -> [T, N] float32.
+
+    The weight follows `jaxinfer.quant.format`: W[n, k] = q[n, k] * scale[n, k // g]
+    (+ offset[n, k // g]), dequantized in registers and read in place (no slice copy).
+    Meant for T <= `quant_linear_max_rows()` (decode).
+
+    Args:
+      x: [T, K] float32 activations; K a multiple of 32 and of group_size.
+      q_stacked: int8 [L, N, K] (bits=8) or uint8 [L, N, K // 2] (bits=4, two nibbles a byte).
+      scale: [L, N, K // group_size] float32, float16 or bfloat16.
+      offset: like scale, or None (symmetric).
+      layer: int32 scalar, may be traced; out of range raises at run time.
+      bits: 4 or 8.
+      group_size: 16, 32, 64, 128 or 256.
+
+    Raises:
+      ConfigError: an operand does not follow the format (the message names it).
+    """
+    x, q_stacked, scale = jnp.asarray(x), jnp.asarray(q_stacked), jnp.asarray(scale)
+    offset = None if offset is None else jnp.asarray(offset)
+    _check_quant_operands(x, q_stacked, scale, offset, bits, group_size)
+    if not available():
+        raise RuntimeError(
+            "matmul_impl='cpu' needs the native CPU kernels, which failed to build (see the "
+            "warning above); use matmul_impl='xla'")
+    if offset is None:  # an empty operand tells the kernel there is no offset
+        offset = jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call(_QUANT_LINEAR, jax.ShapeDtypeStruct(
+        (x.shape[0], q_stacked.shape[1]), jnp.float32))
+    return call(x, q_stacked, scale, offset, jnp.asarray(layer, jnp.int32),
+                bits=np.int32(bits), group_size=np.int32(group_size))
