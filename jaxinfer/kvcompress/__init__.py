@@ -1,0 +1,1 @@
+"""KV-cache compression: eviction, merging, selection and quantization policies."""

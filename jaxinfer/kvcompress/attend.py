@@ -1,0 +1,98 @@
+"""Dense attention over explicit key/value slots, returning the probabilities policies score.
+
+Legend: S sequences, T query tokens, N key slots, K KV heads, G query heads per KV head
+(the query group), E head dim. Scores of a query group are combined per KV head, because
+memory is spent per KV head: a token kept for a KV head serves its G query heads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def softcap(scores: jax.Array, cap: float | None) -> jax.Array:
+    return scores if cap is None else jnp.tanh(scores / cap) * cap
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+    soft_cap: float | None = None, bias: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention of q [S, T, K, G, E] over slots k, v [S, N, K, E].
+
+    Args:
+      mask: bool, broadcastable to [S, K, T, N]; True where a query may read a slot.
+      bias: optional additive logit bias broadcastable to [S, K, T, N] (merged tokens'
+        log-multiplicity, compensation tokens).
+
+    Returns:
+      (out [S, T, K, G, E] in q's dtype, probabilities [S, K, G, T, N] float32; rows with
+      no readable slot are all zero).
+    """
+    s = jnp.einsum("stkge,snke->skgtn", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    s = softcap(s, soft_cap)
+    if bias is not None:
+        s = s + bias[:, :, None]
+    m = mask[:, :, None]
+    s = jnp.where(m, s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(m, p, 0.0)
+    out = jnp.einsum("skgtn,snke->stkge", p, v.astype(jnp.float32))
+    return out.astype(q.dtype), p
+
+
+class PrefillStats(NamedTuple):
+    """Per-key attention statistics of a prefill, each [S, K, T] summed over query groups.
+
+    col_all: attention received from every valid query (H2O's accumulated attention).
+    col_obs: attention received from each sequence's last `obs_window` queries (SnapKV).
+    col_hits: how many of those queries gave the key more than a uniform share 1/(t+1)
+      (Scissorhands' persistence of importance).
+    """
+
+    col_all: jax.Array
+    col_obs: jax.Array
+    col_hits: jax.Array
+
+
+def causal_prefill(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: jax.Array | None,
+    *, scale: float, soft_cap: float | None, obs_window: int, block: int = 1024,
+) -> tuple[jax.Array, PrefillStats]:
+    """Causal self-attention of a padded prefill, with the statistics eviction needs.
+
+    q [S, T, K, G, E], k, v [S, T, K, E]; sequence s owns tokens [0, lengths[s]). Queries
+    are processed in blocks of `block` so the probabilities never exist whole.
+
+    Returns:
+      (out [S, T, K, G, E], `PrefillStats`).
+    """
+    T = q.shape[1]
+    key_pos = jnp.arange(T)
+    key_ok = key_pos[None, :] < lengths[:, None]  # [S, N]
+    outs, col_all, col_obs, col_hits = [], 0.0, 0.0, 0.0
+    for start in range(0, T, block):
+        stop = min(T, start + block)
+        qp = jnp.arange(start, stop)
+        mask = (key_pos[None, :] <= qp[:, None])[None] & key_ok[:, None, :]  # [S, t, N]
+        if window is not None:
+            mask = mask & (qp[:, None] - key_pos[None, :] < window)[None]
+        q_ok = qp[None, :] < lengths[:, None]  # [S, t]
+        mask = mask & q_ok[:, :, None]
+        o, p = attend(q[:, start:stop], k, v, mask[:, None], scale=scale, soft_cap=soft_cap)
+        outs.append(o)
+        pg = p.sum(axis=2)  # [S, K, t, N]
+        col_all = col_all + pg.sum(axis=2)
+        in_obs = (qp[None, :] >= lengths[:, None] - obs_window) & q_ok  # [S, t]
+        obs = in_obs.astype(jnp.float32)
+        col_obs = col_obs + jnp.einsum("sktn,st->skn", pg, obs)
+        share = 1.0 / (qp[:, None].astype(jnp.float32) + 1.0)
+        hits = (p > share[None, None, None]).sum(axis=2).astype(jnp.float32)
+        col_hits = col_hits + jnp.einsum("sktn,st->skn", hits, obs)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out, PrefillStats(col_all, col_obs, col_hits)

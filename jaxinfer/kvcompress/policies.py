@@ -1,0 +1,246 @@
+"""Eviction, merging and selection policies over `SlotCache` (see jaxinfer.kvcompress.slots).
+
+Each policy is a small frozen dataclass (static under jit) with a token budget B per
+(layer, sequence, KV head). `prefill` turns a prefill's keys, values and attention
+statistics into a cache of B slots; `decode` attends one new token per sequence over the
+kept slots and decides which slot leaves. Legend: S sequences, T tokens, K KV heads,
+G query group, E head dim, B budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxinfer import cpu_kernels
+from jaxinfer.kvcompress import slots as sl
+from jaxinfer.kvcompress.attend import PrefillStats, attend
+
+
+@flax.struct.dataclass
+class PrefillContext:
+    """What a policy sees at the end of a prefill layer (no L axis)."""
+
+    q: jax.Array  # [S, T, K, G, E] rotated queries
+    k: jax.Array  # [S, T, K, E] rotated keys
+    v: jax.Array  # [S, T, K, E]
+    lengths: jax.Array  # [S]
+    stats: PrefillStats
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeContext:
+    """One decode step of one layer: q [S, K, G, E], k, v [S, K, E], the new token's
+    position `seen` [S], the layer's window (None: none), softmax scale and soft cap."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    seen: jax.Array
+    window: jax.Array | None
+    scale: float
+    soft_cap: float | None
+    use_native: bool = False  # the native CPU kernel may read the slots in place
+
+
+def _protect(score: jax.Array, pos: jax.Array, upto: jax.Array, sink: int, recent: int):
+    """Raise the score of sink tokens (pos < sink) and of the `recent` newest tokens
+    (pos > upto - recent) so no policy removes them."""
+    keep = (pos < sink) | (pos > upto - recent)
+    return jnp.where(keep & (pos >= 0), sl.INF, score)
+
+
+def _maxpool(x: jax.Array, kernel: int) -> jax.Array:
+    """Max-pool over the last axis (SnapKV clusters selected tokens with their neighbours)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,),
+                                 (1,) * x.ndim, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPolicy:
+    """Base of the eviction policies: B slots, sinks and a recent window always kept,
+    optional merging of dropped tokens into their most similar kept key (D2O / KVMerger)."""
+
+    budget: int
+    sink: int = 0
+    recent: int = 0
+    merge: bool = False
+    merge_threshold: float = 0.5
+    merge_bias: bool = True
+    needs_probs: ClassVar[bool] = True
+    name: ClassVar[str] = "slots"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        """[S, K, T] importance of each prefill token (higher is kept)."""
+        raise NotImplementedError
+
+    def update_score(self, score: jax.Array, probs: jax.Array, valid: jax.Array) -> jax.Array:
+        """New score [S, B+1, K] after a step whose per-KV-head attention is probs."""
+        return score + probs
+
+    def prefill(self, ctx: PrefillContext) -> sl.SlotCache:
+        S, T = ctx.k.shape[:2]
+        t = jnp.broadcast_to(jnp.arange(T)[None, None, :], (S, ctx.k.shape[2], T))
+        raw = self.prefill_score(ctx)
+        score = _protect(raw, t, ctx.lengths[:, None, None] - 1, self.sink, self.recent)
+        return sl.select_prefill(ctx.k, ctx.v, ctx.lengths, score, self.budget,
+                                 merge=self.merge, merge_threshold=self.merge_threshold,
+                                 raw_score=raw)
+
+    def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
+        return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None],
+                        self.sink, max(self.recent, 1))
+
+    def decode(self, cache: sl.SlotCache, layer: jax.Array, ctx: DecodeContext
+               ) -> tuple[jax.Array, sl.SlotCache]:
+        cache, _ = sl.write_incoming(cache, layer, ctx.k, ctx.v, ctx.seen)
+        pos = cache.pos[layer]
+        S, K, G, E = ctx.q.shape
+        if ctx.use_native and not self.needs_probs and not self.merge and ctx.window is None:
+            # Valid slots are the prefix [0, min(seen, B) + 1): one contiguous "page" per
+            # sequence, read in place by the native kernel.
+            B1 = cache.k.shape[2]
+            kv_len = jnp.minimum(ctx.seen, B1 - 1) + 1
+            o = cpu_kernels.paged_decode_attention(
+                ctx.q.reshape(S, K * G, E), cache.k, cache.v, kv_len,
+                jnp.arange(S, dtype=jnp.int32)[:, None], layer, None, sm_scale=ctx.scale,
+                soft_cap=ctx.soft_cap)
+            probs = None
+        else:
+            mask = sl.slot_mask(pos)
+            if ctx.window is not None:
+                mask = mask & (ctx.seen[:, None, None, None] - pos.transpose(0, 2, 1)[:, :, None]
+                               < ctx.window)
+            bias = sl.merge_bias(cache.mult[layer]) if self.merge and self.merge_bias else None
+            o, p = attend(ctx.q[:, None], cache.k[layer], cache.v[layer], mask,
+                          scale=ctx.scale, soft_cap=ctx.soft_cap, bias=bias)
+            o = o.reshape(S, K * G, E)
+            probs = p[:, :, :, 0].sum(axis=2).transpose(0, 2, 1)  # [S, B+1, K]
+        if probs is not None:
+            cache = cache.replace(score=cache.score.at[layer].set(
+                self.update_score(cache.score[layer], probs, pos >= 0)))
+        rank = self.victim_rank(cache, layer, ctx.seen)
+        cache = sl.evict_one(cache, layer, rank, ctx.seen, merge=self.merge,
+                             merge_threshold=self.merge_threshold)
+        return o, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class FullCache(SlotPolicy):
+    """No compression: every token kept (the reference the others are measured against).
+    The budget must cover the longest sequence; `decode` refuses nothing but never evicts
+    a token before the budget is reached."""
+
+    needs_probs: ClassVar[bool] = False
+    name: ClassVar[str] = "full"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        T = ctx.k.shape[1]
+        return jnp.broadcast_to(-jnp.arange(T, dtype=jnp.float32), ctx.stats.col_all.shape)
+
+    def victim_rank(self, cache, layer, seen):
+        return cache.pos[layer].astype(jnp.float32)  # oldest first, only past the budget
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(SlotPolicy):
+    """Attention sinks (the first `sink` tokens) plus the most recent tokens."""
+
+    sink: int = 4
+    needs_probs: ClassVar[bool] = False
+    name: ClassVar[str] = "streaming"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        T = ctx.k.shape[1]
+        return jnp.broadcast_to(jnp.arange(T, dtype=jnp.float32), ctx.stats.col_all.shape)
+
+    def victim_rank(self, cache, layer, seen):
+        pos = cache.pos[layer]
+        return jnp.where(pos < self.sink, sl.INF, pos.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O(SlotPolicy):
+    """Heavy hitters (largest accumulated attention) plus a recent window."""
+
+    name: ClassVar[str] = "h2o"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        return ctx.stats.col_all
+
+
+@dataclasses.dataclass(frozen=True)
+class Scissorhands(SlotPolicy):
+    """Persistence of importance: tokens that keep receiving more than a uniform share of
+    attention are kept; the count decays so old importance fades."""
+
+    decay: float = 0.95
+    name: ClassVar[str] = "scissorhands"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        return ctx.stats.col_hits
+
+    def update_score(self, score, probs, valid):
+        n = jnp.maximum(valid.sum(axis=1, keepdims=True), 1).astype(jnp.float32)  # [S, 1, K]
+        return self.decay * score + (probs > 1.0 / n).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(SlotPolicy):
+    """Selection at the end of prefill by the attention of an observation window (the
+    last `recent` queries), pooled over neighbours; the window itself is kept. Decode then
+    evicts by accumulated attention as H2O does."""
+
+    recent: int = 32
+    kernel: int = 7
+    name: ClassVar[str] = "snapkv"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        return _maxpool(ctx.stats.col_obs, self.kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQKV(SnapKV):
+    """SnapKV with ActQKV's activation-aware probe: one query per head built from the
+    observation window, each query weighted by how far its activation departs from the
+    window mean (outlier queries carry the retrieval intent), scores the keys."""
+
+    name: ClassVar[str] = "actqkv"
+
+    def prefill_score(self, ctx: PrefillContext) -> jax.Array:
+        S, T, K, G, E = ctx.q.shape
+        t = jnp.arange(T)
+        in_obs = ((t[None, :] >= ctx.lengths[:, None] - self.recent)
+                  & (t[None, :] < ctx.lengths[:, None])).astype(jnp.float32)  # [S, T]
+        q = ctx.q.astype(jnp.float32)
+        n = jnp.maximum(in_obs.sum(axis=1), 1.0)  # [S]
+        mean = jnp.einsum("stkge,st->skge", q, in_obs) / n[:, None, None, None]
+        dev = jnp.linalg.norm(q - mean[:, None], axis=-1)  # [S, T, K, G]
+        w = dev * in_obs[:, :, None, None]
+        w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-6)
+        probe = jnp.einsum("stkge,stkg->skge", q, w)  # [S, K, G, E]
+        s = jnp.einsum("skge,stke->skgt", probe, ctx.k.astype(jnp.float32)) * E ** -0.5
+        valid = t[None, None, None, :] < ctx.lengths[:, None, None, None]
+        p = jax.nn.softmax(jnp.where(valid, s, -1e30), axis=-1)
+        return _maxpool(jnp.where(valid, p, 0.0).sum(axis=2), self.kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class D2O(H2O):
+    """H2O eviction whose dropped tokens' values are folded into the kept token with the
+    most similar key (cosine >= merge_threshold), weighted by accumulated attention, instead
+    of discarded (D2O / KVMerger-style merging). `merge_bias` adds the merged tokens'
+    log-multiplicity to the slot's logit; off by default (it raised KL, docs/kv_compression.md).
+    """
+
+    merge: bool = True
+    merge_threshold: float = 0.8
+    merge_bias: bool = False
+    name: ClassVar[str] = "d2o"

@@ -1,0 +1,189 @@
+"""Eviction caches: a fixed number of key/value slots per (layer, sequence, KV head).
+
+Legend: L layers, S sequences, B budget (slots), K KV heads, E head dim, T prefill tokens.
+Each slot keeps a token's rotated key and value (RoPE already applied at the token's
+original position, so attention needs no re-rotation) plus that position, a policy score
+and, when merging, how many tokens the slot stands for. One spare slot (index B) receives
+the incoming token of a decode step before the policy decides which slot leaves, so the
+arrays are [.., B + 1, ..] and valid slots are always the prefix [0, min(seen, B) + 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+INF = 3e38
+
+
+@flax.struct.dataclass
+class SlotCache:
+    """Kept tokens of one or all layers (a leading L axis when stacked)."""
+
+    k: Any  # [(L,) S, B+1, K, E]
+    v: Any  # [(L,) S, B+1, K, E]
+    pos: Any  # [(L,) S, B+1, K] int32 original positions, -1 for an empty slot
+    score: Any  # [(L,) S, B+1, K] float32 policy importance (higher is kept)
+    mult: Any  # [(L,) S, B+1, K] float32 tokens merged into the slot (1: itself)
+
+    @property
+    def budget(self) -> int:
+        return self.k.shape[-3] - 1
+
+
+def select_prefill(
+    k: jax.Array, v: jax.Array, lengths: jax.Array, keep_score: jax.Array, budget: int,
+    *, merge: bool = False, merge_threshold: float = 0.0, raw_score: jax.Array | None = None,
+) -> SlotCache:
+    """Keep the `budget` best tokens of a prefill per (sequence, KV head).
+
+    Args:
+      k, v: [S, T, K, E] the prefill's keys (rotated) and values.
+      lengths: [S] valid tokens per sequence.
+      keep_score: [S, K, T] higher is kept; tokens past a sequence's length never are.
+      budget: slots B (static).
+      merge: merge each dropped token into its most similar kept key (cosine) when the
+        similarity is at least `merge_threshold`, instead of dropping it, weighted by
+        importance.
+      raw_score: [S, K, T] the importance to store and merge by (keep_score without the
+        protection of sink / recent tokens); defaults to keep_score.
+
+    Returns:
+      A `SlotCache` without the L axis; slots [0, min(length, B)) valid, the rest empty.
+    """
+    S, T, K, E = k.shape
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [S, T]
+    score = jnp.where(valid[:, None, :], keep_score, -INF)
+    n = min(budget, T)
+    top_score, idx = jax.lax.top_k(score, n)  # [S, K, n], valid tokens first
+    kept = top_score > -INF
+    idx_t = jnp.swapaxes(idx, 1, 2)  # [S, n, K]
+    gather = lambda a: jnp.take_along_axis(a, idx_t[..., None], axis=1)  # noqa: E731
+    ks, vs = gather(k), gather(v)
+    pos = jnp.where(jnp.swapaxes(kept, 1, 2), idx_t, -1).astype(jnp.int32)
+    mult = jnp.swapaxes(kept, 1, 2).astype(jnp.float32)
+    raw = keep_score if raw_score is None else raw_score
+    sc = jnp.swapaxes(jnp.where(kept, jnp.take_along_axis(raw, idx, axis=-1), 0.0), 1, 2)
+    if merge and n < T:
+        ks, vs, mult = _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, raw,
+                                      merge_threshold)
+    pad = budget + 1 - n
+    padn = lambda a, fill: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
+                                   constant_values=fill)
+    return SlotCache(k=padn(ks, 0).astype(k.dtype), v=padn(vs, 0).astype(v.dtype),
+                     pos=padn(pos, -1), score=padn(sc, 0.0), mult=padn(mult, 0.0))
+
+
+def _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, weight, threshold):
+    """Fold every dropped token's value into its most similar kept key (cosine, per KV
+    head), weighted by importance; the kept key is unchanged and its slot's multiplicity
+    grows by the dropped token's share, so attention gives it that token's mass too."""
+    S, T, K, E = k.shape
+    n = idx.shape[-1]
+    is_kept = jnp.zeros((S, K, T), bool).at[
+        jnp.arange(S)[:, None, None], jnp.arange(K)[None, :, None], idx].set(kept)
+    dropped = valid[:, None, :] & ~is_kept  # [S, K, T]
+    unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+    sim = jnp.einsum("stke,snke->sktn", unit(k.astype(jnp.float32)),
+                     unit(ks.astype(jnp.float32)))  # [S, K, T, n]
+    sim = jnp.where(kept[:, :, None, :], sim, -INF)
+    target = jnp.argmax(sim, axis=-1)  # [S, K, T]
+    w_drop = jnp.where(dropped & (jnp.max(sim, axis=-1) >= threshold), weight, 0.0)
+    onehot = jax.nn.one_hot(target, n, dtype=jnp.float32) * w_drop[..., None]  # [S, K, T, n]
+    add_v = jnp.einsum("sktn,stke->snke", onehot, v.astype(jnp.float32))
+    added = jnp.swapaxes(onehot.sum(axis=2), 1, 2)  # [S, n, K] importance folded in
+    w_kept = jnp.swapaxes(jnp.take_along_axis(weight, idx, axis=-1), 1, 2)  # [S, n, K]
+    w_kept = jnp.maximum(w_kept, 1e-6)
+    vs = (vs.astype(jnp.float32) * w_kept[..., None] + add_v) / (w_kept + added)[..., None]
+    return ks, vs, mult * (1.0 + added / w_kept)
+
+
+def write_incoming(cache: SlotCache, layer: jax.Array, k: jax.Array, v: jax.Array,
+                   seen: jax.Array) -> tuple[SlotCache, jax.Array]:
+    """Write a decode step's token (k, v [S, K, E], at position `seen` [S]) into slot
+    min(seen, B) of every KV head; returns the cache and that slot index [S]."""
+    B = cache.budget
+    slot = jnp.minimum(seen, B).astype(jnp.int32)
+    s = jnp.arange(k.shape[0])
+    return cache.replace(
+        k=cache.k.at[layer, s, slot].set(k.astype(cache.k.dtype)),
+        v=cache.v.at[layer, s, slot].set(v.astype(cache.v.dtype)),
+        pos=cache.pos.at[layer, s, slot].set(jnp.broadcast_to(seen[:, None], k.shape[:2])),
+        mult=cache.mult.at[layer, s, slot].set(1.0),
+    ), slot
+
+
+def evict_one(cache: SlotCache, layer: jax.Array, victim_rank: jax.Array, seen: jax.Array,
+              *, merge: bool = False, merge_threshold: float = 0.0) -> SlotCache:
+    """Where a sequence's B slots were full before this step, drop (or merge) the slot of
+    lowest `victim_rank` [S, B+1, K] per KV head and move the incoming token (slot B) there.
+    """
+    B = cache.budget
+    S, K = victim_rank.shape[0], victim_rank.shape[2]
+    full = seen >= B  # [S]
+    victim = jnp.argmin(victim_rank, axis=1).astype(jnp.int32)  # [S, K]
+    si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
+    # Sequences that were not full, and heads whose victim is the incoming token itself,
+    # write out of range (dropped).
+    target = jnp.where(full[:, None] & (victim != B), victim, B + 1)
+    k_l, v_l = cache.k[layer], cache.v[layer]
+    if merge:
+        cache = _merge_victim(cache, layer, victim, full, merge_threshold)
+        k_l, v_l = cache.k[layer], cache.v[layer]
+    moved = lambda a: a[layer, si, B, hi]  # noqa: E731
+    cache = cache.replace(
+        k=cache.k.at[layer, si, target, hi].set(k_l[si, B, hi], mode="drop"),
+        v=cache.v.at[layer, si, target, hi].set(v_l[si, B, hi], mode="drop"),
+        pos=cache.pos.at[layer, si, target, hi].set(moved(cache.pos), mode="drop"),
+        score=cache.score.at[layer, si, target, hi].set(moved(cache.score), mode="drop"),
+        mult=cache.mult.at[layer, si, target, hi].set(moved(cache.mult), mode="drop"),
+    )
+    return cache
+
+
+def _merge_victim(cache: SlotCache, layer, victim, full, threshold) -> SlotCache:
+    """Fold the victim slot's value into its most similar other valid slot (keys by
+    cosine), weighted by their scores, before it is overwritten."""
+    S, B1, K, E = cache.k.shape[1:]
+    si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
+    k_l = cache.k[layer].astype(jnp.float32)
+    unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+    sim = jnp.einsum("ske,sbke->skb", unit(k_l[si, victim, hi]), unit(k_l))
+    ok = (cache.pos[layer] >= 0).transpose(0, 2, 1) & (
+        jnp.arange(B1)[None, None, :] != victim[..., None])
+    sim = jnp.where(ok, sim, -INF)
+    into = jnp.argmax(sim, axis=-1)  # [S, K]
+    do = full[:, None] & (jnp.max(sim, axis=-1) >= threshold) & (victim != B1 - 1)
+    safe = jnp.where(do, into, 0)
+    score = cache.score[layer]
+    w_v = jnp.maximum(score[si, victim, hi], 0.0)
+    w_i = jnp.maximum(score[si, safe, hi], 1e-6)
+    v_l = cache.v[layer].astype(jnp.float32)
+    new_v = (v_l[si, safe, hi] * w_i[..., None] + v_l[si, victim, hi] * w_v[..., None]) / (
+        w_i + w_v)[..., None]
+    new_mult = cache.mult[layer][si, safe, hi] * (1.0 + w_v / w_i)
+    into = jnp.where(do, into, B1)  # out of range: no merge
+    return cache.replace(
+        v=cache.v.at[layer, si, into, hi].set(new_v.astype(cache.v.dtype), mode="drop"),
+        mult=cache.mult.at[layer, si, into, hi].set(new_mult, mode="drop"),
+        score=cache.score.at[layer, si, into, hi].add(w_v, mode="drop"),
+    )
+
+
+def slot_mask(cache_layer_pos: jax.Array) -> jax.Array:
+    """[S, K, 1, B+1] readable slots of one layer (the incoming token already written)."""
+    return (cache_layer_pos >= 0).transpose(0, 2, 1)[:, :, None, :]
+
+
+def merge_bias(mult_layer: jax.Array) -> jax.Array:
+    """Log-multiplicity logit bias [S, K, 1, B+1]: a slot that stands for n merged tokens
+    takes the softmax mass n near-identical keys would have had."""
+    return jnp.log(jnp.maximum(mult_layer, 1.0)).transpose(0, 2, 1)[:, :, None, :]
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of every array in a pytree."""
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
