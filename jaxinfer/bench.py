@@ -55,6 +55,7 @@ class BenchOptions:
     page_size: int = 16
     kv_cache_tokens: int | None = None
     max_num_batched_tokens: int = 512
+    quantize: str | None = None  # weight-only quantization scheme (docs/quantization.md)
 
     def llm_options(self) -> dict[str, Any]:
         """The engine options of the jaxinfer system."""
@@ -122,7 +123,7 @@ class JaxinferSystem:
         import jaxinfer
 
         self.llm = llm or jaxinfer.load(options.model, dtype=options.dtype,
-                                        **options.llm_options())
+                                        quantize=options.quantize, **options.llm_options())
         self.cfg = self.llm.cfg
         self.name = name or self.name
 
@@ -224,7 +225,7 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
     prompts, new_tokens = workload_inputs(options.workload)
     peaks = measure_peaks()
     base = {"workload": options.workload, "model": options.model or DEFAULT_MODEL_NAME,
-            "device": device_name(), "dtype": options.dtype,
+            "device": device_name(), "dtype": options.dtype, "quantize": options.quantize,
             "page_size": options.page_size, **peaks}
     flops = workload_flops(cfg, prompts, new_tokens)
     roofline = bench_roofline(cfg, hardware_from_peaks(peaks), prompt_lens=list(map(len, prompts)),

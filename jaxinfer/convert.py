@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jaxinfer.errors import CheckpointError, ConfigError, JaxinferError
+from jaxinfer.quant.format import KEEP_GGUF, scheme_label
+from jaxinfer.quant.quantize import dequantize_params, quantize_params
 from jaxinfer.weights.hf_export import check_destination, export_hf
 from jaxinfer.weights.loader import (
     config_from_gguf,
@@ -65,9 +67,11 @@ class ConvertResult:
     dtype: str
     param_count: int
     seconds: float
+    quantization: str | None = None
 
     def summary(self) -> str:
-        return (f"wrote {self.dst} ({self.dst_format}, {self.dtype}) from {self.src_format} "
+        kind = self.dtype + (f", {self.quantization}" if self.quantization else "")
+        return (f"wrote {self.dst} ({self.dst_format}, {kind}) from {self.src_format} "
                 f"{self.src}: {self.param_count / 1e6:.1f} M parameters in {self.seconds:.1f} s")
 
 
@@ -84,6 +88,7 @@ def _hf_dtype(path: Path) -> str:
 def convert(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: Format | None = None,
     dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+    quantize: str | None = None, keep_quantized: bool = False,
 ) -> ConvertResult:
     """Convert the model at `src` into a new folder `dst`.
 
@@ -94,10 +99,15 @@ def convert(
       dtype: "float32" or "bfloat16"; default: the source's (float32 for GGUF).
       overwrite: replace an existing model folder at `dst`.
       progress: show progress bars.
+      quantize: a scheme ("int8", "int4-g64-asym", ...; docs/quantization.md): write the
+        projection weights, embedding and LM head packed (our format only).
+      keep_quantized: a GGUF source's quantized tensors are repacked as they are instead of
+        dequantized (our format only).
 
     Raises:
       CheckpointError: unreadable source, or `dst` exists without `overwrite`.
-      ConfigError: the model cannot be expressed in the target format.
+      ConfigError: the model cannot be expressed in the target format, a bad scheme, or
+        `keep_quantized` for a source that is not GGUF.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -105,6 +115,16 @@ def convert(
     to = to or ("hf" if kind == "orbax" else "orbax")
     if to not in FORMATS:
         raise ConfigError(f"cannot write {to!r}; choose one of {FORMATS}")
+    if quantize is not None and keep_quantized:
+        raise ConfigError("--quantize and --keep-quantized exclude each other: keep the GGUF "
+                          "quantization, or requantize the weights with a scheme")
+    if keep_quantized and kind != "gguf":
+        raise ConfigError(f"--keep-quantized keeps a GGUF file's quantization, but {src} is "
+                          f"{kind}; use --quantize SCHEME instead")
+    label = KEEP_GGUF if keep_quantized else scheme_label(quantize)
+    if label is not None and to != "orbax":
+        raise ConfigError(f"quantized weights are written in our Orbax format only, not "
+                          f"{to!r}; drop --to {to} or the quantization")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"destination {dst} is, or is inside, the source {src}")
     check_destination(dst, overwrite)  # before minutes of loading
@@ -121,24 +141,39 @@ def convert(
         # A weights-only GGUF (no vocabulary) converts without a tokenizer.
         has_vocab = "tokenizer.ggml.tokens" in gguf_file.metadata
         tokenizer_source = Tokenizer.from_gguf_metadata(gguf_file.metadata) if has_vocab else None
-        params = load_params(gguf_file, cfg, progress=progress)
+        params = load_params(gguf_file, cfg, progress=progress, quantize=label)
     else:
         cfg = load_config(src, dtype=dtype or _hf_dtype(src))
         params = load_params(src, cfg, progress=progress)
+    if kind != "gguf" and label is not None:
+        params = quantize_params(params, label)
     if to == "hf":
+        params = dequantize_params(params, cfg.dtype)  # safetensors hold dense weights
         export_hf(dst, params, cfg, tokenizer_source=tokenizer_source, overwrite=overwrite,
                   progress=progress)
     else:
+        label = label or _stored_scheme(src, kind)
         save_model_dir(dst, params, cfg, tokenizer_source=tokenizer_source,
-                       source=f"{kind}:{src.resolve()}", overwrite=overwrite, progress=progress)
+                       source=f"{kind}:{src.resolve()}", overwrite=overwrite, progress=progress,
+                       quantization=label)
     return ConvertResult(src, dst, kind, to, cfg.dtype, _param_count(params),
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, label if to == "orbax" else None)
+
+
+def _stored_scheme(src: Path, kind: str) -> str | None:
+    """The quantization recorded in our source folder (kept through orbax -> orbax)."""
+    if kind != "orbax":
+        return None
+    return (read_manifest(src).get("quantization") or {}).get("scheme")
 
 
 def _param_count(params: Any) -> int:
     import jax
 
-    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
+    from jaxinfer.quant import QuantizedWeight
+
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(
+        params, is_leaf=lambda v: isinstance(v, QuantizedWeight)))
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -161,6 +196,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         config = manifest["config"]
         extra = {"source": manifest.get("source"), "created_by": manifest.get("created_by"),
                  "tokenizer_files": manifest.get("tokenizer_files", [])}
+        if manifest.get("quantization"):
+            extra["quantization"] = manifest["quantization"]
     elif kind == "gguf":
         from jaxinfer.weights.gguf_io import GGUFFile
 
@@ -249,7 +286,8 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
         description="Convert SRC (a Hugging Face folder, a .gguf file, or a folder in our "
                     "Orbax format) into a new folder DST: our format by default, or a Hugging "
                     "Face folder (safetensors + config.json + tokenizer) with --to hf. GGUF "
-                    "weights are dequantized.")
+                    "weights are dequantized unless --keep-quantized; --quantize SCHEME "
+                    "writes packed int8/int4 weights.")
     conv.add_argument("src", metavar="SRC", help="model to read")
     conv.add_argument("dst", metavar="DST", help="folder to write")
     conv.add_argument("--to", choices=FORMATS, default=None,
@@ -258,6 +296,12 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
                       help="weights dtype (default: the source's; float32 for GGUF)")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace DST if it is an existing model folder")
+    conv.add_argument("--quantize", default=None, metavar="SCHEME",
+                      help="write the projection weights, embedding and LM head quantized: "
+                           "int8, int4, or with a group size and kind (int4-g64-asym); see "
+                           "docs/quantization.md")
+    conv.add_argument("--keep-quantized", action="store_true",
+                      help="GGUF source: keep its quantized tensors (repacked, not expanded)")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
 
     insp = sub.add_parser(
@@ -271,7 +315,8 @@ def add_subparsers(sub: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     result = convert(args.src, args.dst, to=args.to, dtype=args.dtype,
-                     overwrite=args.overwrite, progress=not args.quiet)
+                     overwrite=args.overwrite, progress=not args.quiet,
+                     quantize=args.quantize, keep_quantized=args.keep_quantized)
     print(result.summary(), file=sys.stderr)
     return 0
 

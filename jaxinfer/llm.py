@@ -313,7 +313,7 @@ class LLM:
 
 def load(
     model: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
-    progress: bool = True, **llm_options: Any,
+    progress: bool = True, quantize: str | None = None, **llm_options: Any,
 ) -> LLM:
     """Load a model (GGUF file, HF folder, `checkpoints/` name; None: SmolLM2-135M-Instruct).
 
@@ -321,10 +321,13 @@ def load(
       model: where the model is.
       dtype: "float32" (fastest on CPU) or "bfloat16".
       progress: show a progress bar while loading.
+      quantize: weight-only quantization: "int8", "int4", a scheme with group size and
+        kind ("int4-g64-asym"), or "gguf" to keep a GGUF file's quantized tensors as they
+        are (docs/quantization.md). None: dense weights.
       **llm_options: `LLM` options (max_model_len, page_size, kv_cache_tokens, ...), and
         `attention_impl`.
     """
     overrides = {k: llm_options.pop(k) for k in ("attention_impl", "matmul_impl")
                  if k in llm_options}
-    loaded = load_model(model, dtype=dtype, progress=progress, **overrides)
+    loaded = load_model(model, dtype=dtype, progress=progress, quantize=quantize, **overrides)
     return LLM(loaded.params, loaded.cfg, loaded.tokenizer, **llm_options)

@@ -13,6 +13,10 @@ dominated by per-op cost on CPU, 8% faster measured):
   * `w_gate_up` [L, 2F, D]: gate and up rows interleaved (row 2f = gate f, 2f+1 = up f), so
     sharding the `mlp` axis keeps each unit's gate and up together.
 `jaxinfer.weights.names` converts to and from the checkpoint layouts.
+
+Weight-only quantization (`jaxinfer.quant`) replaces the projection weights, `embed` and
+`lm_head` by `QuantizedWeight` pytrees with the same leading axes (packed q, scale, offset):
+`param_specs` still describes the logical (dequantized) shapes and axes.
 """
 
 from __future__ import annotations

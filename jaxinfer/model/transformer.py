@@ -23,6 +23,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import attention
 from jaxinfer.model.layers import activation, apply_rope, linear, rms_norm, rope_tables
 from jaxinfer.model.params import LayerParams, Params
+from jaxinfer.quant.format import QuantizedWeight, dequantize
+from jaxinfer.quant.matmul import quant_dense
 
 _NO_WINDOW = np.int32(2**30)
 
@@ -83,8 +85,13 @@ class LayerHooks:
 _NATIVE_MATMUL_MAX_ROWS = cpu_kernels.linear_max_rows()
 
 
-def dense(cfg: ModelConfig, x: jax.Array, w_stacked: jax.Array, layer: jax.Array) -> jax.Array:
-    """x [T, in] times layer `layer` of stacked weights [L, out, in] -> [T, out]."""
+def dense(cfg: ModelConfig, x: jax.Array, w_stacked: Any, layer: jax.Array) -> jax.Array:
+    """x [T, in] times layer `layer` of stacked weights [L, out, in] -> [T, out].
+
+    `w_stacked` may be a `QuantizedWeight` (jaxinfer.quant), dispatched to its kernels.
+    """
+    if isinstance(w_stacked, QuantizedWeight):
+        return quant_dense(cfg, x, w_stacked, layer)
     if (cfg.matmul_impl == "cpu" and x.shape[0] <= _NATIVE_MATMUL_MAX_ROWS
             and x.dtype == jnp.float32 and w_stacked.dtype == jnp.float32):
         cpu_kernels.require_cpu_backend("matmul_impl")
@@ -180,7 +187,11 @@ def _layer(
 def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Embeddings [T, D] of tokens [T] (scaled for Gemma)."""
     with jax.named_scope("embed"):
-        x = jnp.take(params.embed, tokens, axis=0)
+        if isinstance(params.embed, QuantizedWeight):  # gather the rows, then expand them
+            rows = jax.tree.map(lambda a: jnp.take(a, tokens, axis=0), params.embed)
+            x = dequantize(rows, cfg.dtype)
+        else:
+            x = jnp.take(params.embed, tokens, axis=0)
         if cfg.embed_scale is not None:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         return x

@@ -23,6 +23,16 @@ from tqdm.auto import tqdm
 from jaxinfer.config import ModelConfig, from_hf_config, hf_config_from_gguf_metadata
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.model.params import LayerParams, Params, param_specs
+from jaxinfer.quant.format import (
+    KEEP_GGUF,
+    QuantizedWeight,
+    QuantScheme,
+    check_quantized,
+    is_quantized,
+    scheme_label,
+)
+from jaxinfer.quant.gguf_repack import DENSE_TYPES, combine, map_rows, repack, stack, unify
+from jaxinfer.quant.quantize import QUANTIZABLE_FIELDS, quantize_params
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.weights.gguf_io import GGUFFile
 from jaxinfer.weights.names import (
@@ -147,7 +157,8 @@ class _GGUFSource:
 
 
 def load_params(
-    path: str | os.PathLike[str] | GGUFFile, cfg: ModelConfig, *, progress: bool = True
+    path: str | os.PathLike[str] | GGUFFile, cfg: ModelConfig, *, progress: bool = True,
+    quantize: str | QuantScheme | None = None,
 ) -> Params:
     """Load the weights at `path` (GGUF file or HF folder) as `Params` in `cfg.dtype`.
 
@@ -155,12 +166,19 @@ def load_params(
       path: a GGUF file, an already opened `GGUFFile`, a Hugging Face folder or our folder.
       cfg: the configuration the weights must match.
       progress: show a progress bar (on terminals).
+      quantize: None (dense), a scheme ("int8", "int4-g64-asym", ...: the projection
+        weights, embedding and LM head are quantized after loading) or "gguf" (a GGUF
+        file's quantized tensors are repacked as they are, not expanded; see
+        `jaxinfer.quant.gguf_repack`).
 
     Raises:
       CheckpointError: a tensor is missing, unexpected, mis-shaped, or a file is corrupt.
+      ConfigError: an unknown scheme, or "gguf" for a source that is not a GGUF file.
     """
+    label = scheme_label(quantize)
     if not isinstance(path, GGUFFile) and is_model_dir(path):
-        return load_model_dir(path, dtype=cfg.dtype, progress=progress).params
+        params = load_model_dir(path, dtype=cfg.dtype, progress=progress).params
+        return _quantize_loaded(params, label, path)
     gguf_file = path if isinstance(path, GGUFFile) else None
     path = gguf_file.path if gguf_file else Path(path)
     gguf_arch = None
@@ -176,6 +194,11 @@ def load_params(
         if cfg.tie_word_embeddings:
             ignored.add("lm_head.weight")
     fmt = "gguf" if gguf_arch else "hf"
+    keep_gguf = label == KEEP_GGUF
+    if keep_gguf and gguf_file is None:
+        raise ConfigError(
+            f"quantize='gguf' keeps a GGUF file's quantized tensors, but {path} is not a GGUF "
+            "file; quantize it with quantize='int8' or 'int4' instead")
     entries = tensor_entries(cfg)
     specs = param_specs(cfg)
 
@@ -219,10 +242,30 @@ def load_params(
             array = array - np.float32(norm_offset)
         return array
 
-    values: dict[str, jax.Array] = {}
+    def read_quantized(name: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
+        """The GGUF tensor repacked (rows in our order), or None when it is stored dense."""
+        assert gguf_file is not None
+        if gguf_file.tensor_type_name(name) in DENSE_TYPES:
+            return None
+        if gguf_file.tensor_shape(name) != shape:
+            raise CheckpointError(
+                f"tensor {source.describe(name)} has shape {gguf_file.tensor_shape(name)}, "
+                f"expected {shape} for this configuration")
+        w = repack(np.asarray(gguf_file.tensors[name].data), gguf_file.tensor_type_name(name),
+                   shape, source.describe(name))  # type: ignore[arg-type]
+        heads = rope_permuted_heads(name, cfg) if permute else None
+        return map_rows(w, lambda a: undo_rope_permutation(a, heads)) if heads else w
+
+    values: dict[str, Any] = {}
     with tqdm(total=len(expected), desc=f"loading {path.name}", unit="tensor",
               disable=not progress, leave=False) as bar:
         for entry in entries:
+            if keep_gguf and entry.field.split(".")[-1] in QUANTIZABLE_FIELDS:
+                kept = _read_kept_field(entry, cfg, names_of, read_quantized, part_shapes)
+                if kept is not None:
+                    bar.update(len(all_names(entry)))
+                    values[entry.field] = kept
+                    continue
             spec = _get_field(specs, entry.field)
             shapes = part_shapes(entry, cfg)
             out = np.empty(spec.shape, np_dtype)
@@ -235,7 +278,37 @@ def load_params(
                 else:
                     out[i] = combine_parts(entry, parts, cfg)
             values[entry.field] = jnp.asarray(out)
-    return _assemble(values, cfg)
+    params = _assemble(values, cfg)
+    return params if keep_gguf else _quantize_loaded(params, label, path)
+
+
+def _read_kept_field(entry: TensorEntry, cfg: ModelConfig, names_of: Any, read_quantized: Any,
+                     shapes_of: Any) -> QuantizedWeight | None:
+    """One field's GGUF tensors kept quantized (parts joined and layers stacked in our
+    layout), or None when any of them is stored dense (the field is then loaded dense)."""
+    shapes = shapes_of(entry, cfg)
+    layers = []
+    for i in range(cfg.num_layers) if entry.per_layer else [None]:
+        parts = [read_quantized(n, shape)
+                 for n, shape in zip(names_of(entry, i), shapes, strict=True)]
+        if any(p is None for p in parts):
+            return None
+        layers.append(combine(parts, lambda arrays: combine_parts(entry, arrays, cfg)))
+    w = stack(layers) if entry.per_layer else unify(layers)[0]
+    check_quantized(w, entry.field)
+    return jax.tree.map(jnp.asarray, w)
+
+
+def _quantize_loaded(params: Params, label: str | None, path: Any) -> Params:
+    if label is None:
+        return params
+    if label == KEEP_GGUF:
+        if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+            return params  # our folder written with --keep-quantized
+        raise ConfigError(
+            f"quantize='gguf' keeps a GGUF file's quantized tensors, but {path} is not a GGUF "
+            "file; quantize it with quantize='int8' or 'int4' instead")
+    return quantize_params(params, label)
 
 
 def _get_field(tree: Params, dotted: str) -> Any:
@@ -267,7 +340,7 @@ class LoadedModel:
 
 def load_model(
     model: str | os.PathLike[str] | None = None, *, dtype: str = "float32",
-    progress: bool = True, **overrides: Any,
+    progress: bool = True, quantize: str | QuantScheme | None = None, **overrides: Any,
 ) -> LoadedModel:
     """Open a model (GGUF file, HF folder or our folder; None: the default model) with its
     tokenizer.
@@ -276,8 +349,11 @@ def load_model(
       model: path or `checkpoints/` name; None loads SmolLM2-135M-Instruct.
       dtype: parameter and activation dtype, "float32" or "bfloat16".
       progress: show a progress bar while loading.
+      quantize: None, a scheme ("int8", "int4", "int4-g64-asym", ...) or "gguf" (keep a
+        GGUF file's quantized tensors); see `load_params` and docs/quantization.md.
       **overrides: `ModelConfig` fields to change (e.g. attention_impl).
     """
+    label = scheme_label(quantize)  # bad schemes fail before minutes of loading
     path = resolve_model_path(model)
     from jaxinfer.model.attention import default_attention_impl
 
@@ -286,13 +362,14 @@ def load_model(
     if is_model_dir(path):
         tokenizer = Tokenizer.from_hf_dir(path)
         params, cfg = load_model_dir(path, dtype=dtype, progress=progress, **overrides)
+        params = _quantize_loaded(params, label, path)
     elif is_gguf(path):
         gguf_file = GGUFFile(path)
         cfg = config_from_gguf(gguf_file, dtype=dtype, **overrides)
         tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-        params = load_params(gguf_file, cfg, progress=progress)
+        params = load_params(gguf_file, cfg, progress=progress, quantize=label)
     else:
         cfg = load_config(path, dtype=dtype, **overrides)
         tokenizer = Tokenizer.from_hf_dir(path)
-        params = load_params(path, cfg, progress=progress)
+        params = load_params(path, cfg, progress=progress, quantize=label)
     return LoadedModel(path=path, cfg=cfg, params=params, tokenizer=tokenizer)

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from jaxinfer.config import ModelConfig, RopeConfig
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.model.params import LayerParams, Params, ParamSpec, param_specs
+from jaxinfer.quant.format import QuantizedWeight, check_quantized, is_quantized
+from jaxinfer.quant.sharding import check_group_sharding
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.weights.hf_export import (
     MANIFEST_NAME,
@@ -43,7 +45,8 @@ from jaxinfer.weights.hf_export import (
 FORMAT_NAME = "jaxinfer-model"
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
-_ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
+_ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16", "int8": "|i1",
+                "uint8": "|u1"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -121,15 +124,75 @@ def manifest_config(path: str | os.PathLike[str], manifest: dict[str, Any] | Non
 
 
 def _nest(fields: dict[str, Any]) -> dict[str, Any]:
-    """{"embed": a, "layers.wqkv": b} -> {"embed": a, "layers": {"wqkv": b}}: the tree Orbax
-    saves (one folder per leaf, named by its dotted path)."""
+    """{"embed": a, "layers.wqkv.q": b} -> {"embed": a, "layers": {"wqkv": {"q": b}}}: the
+    tree Orbax saves (one folder per leaf, named by its dotted path)."""
     tree: dict[str, Any] = {"layers": {}}
     for name, value in fields.items():
-        if name.startswith("layers."):
-            tree["layers"][name[len("layers."):]] = value
-        else:
-            tree[name] = value
+        *parents, leaf = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return tree
+
+
+def _get(tree: dict[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        tree = tree[part]
+    return tree
+
+
+# ----------------------------------------------------------------------------- quantized
+# A quantized field "layers.wqkv" is stored as the arrays "layers.wqkv.q", ".scale" and
+# ".offset" (jaxinfer.quant.format), each with its own dtype record; the manifest's
+# "quantization" lists the fields with their bits and group size.
+_QUANT_PARTS = ("q", "scale", "offset")
+
+
+def _stored_arrays(params: Params, dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The arrays to save by stored name (dense ones cast to `dtype`), and the quantized
+    fields' formats."""
+    arrays: dict[str, Any] = {}
+    quantized: dict[str, Any] = {}
+    for name, value in param_fields(params).items():
+        if is_quantized(value):
+            quantized[name] = {"bits": value.bits, "group_size": value.group_size,
+                               "offset": value.offset is not None}
+            for part in _QUANT_PARTS:
+                if getattr(value, part) is not None:
+                    arrays[f"{name}.{part}"] = getattr(value, part)
+        else:
+            arrays[name] = value if value.dtype == dtype else jnp.asarray(value).astype(dtype)
+    return arrays, quantized
+
+
+def _expected_arrays(cfg: ModelConfig, quantized: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Stored name -> shape of every array a model of `cfg` with these quantized fields has."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, spec in param_fields(param_specs(cfg)).items():
+        if not isinstance(spec, ParamSpec):
+            continue
+        if name not in quantized:
+            out[name] = spec.shape
+            continue
+        fmt = quantized[name]
+        *lead, K = spec.shape
+        out[f"{name}.q"] = (*lead, K * fmt["bits"] // 8)
+        out[f"{name}.scale"] = (*lead, K // fmt["group_size"])
+        if fmt["offset"]:
+            out[f"{name}.offset"] = (*lead, K // fmt["group_size"])
+    return out
+
+
+def _assemble_fields(values: dict[str, Any], quantized: dict[str, Any]) -> dict[str, Any]:
+    """Stored arrays back to parameter fields (QuantizedWeight for the quantized ones)."""
+    fields = {k: v for k, v in values.items() if k.rsplit(".", 1)[0] not in quantized}
+    for name, fmt in quantized.items():
+        fields[name] = QuantizedWeight(
+            q=values[f"{name}.q"], scale=values[f"{name}.scale"],
+            offset=values.get(f"{name}.offset"), bits=fmt["bits"], group_size=fmt["group_size"])
+        check_quantized(fields[name], name)
+    return fields
 
 
 @contextlib.contextmanager
@@ -163,6 +226,7 @@ def save_model_dir(
     path: str | os.PathLike[str], params: Params, cfg: ModelConfig, *,
     tokenizer_source: Tokenizer | str | os.PathLike[str] | None = None,
     source: str | None = None, overwrite: bool = False, progress: bool = False,
+    quantization: str | None = None,
 ) -> Path:
     """Save a model in our format (synchronously; single process).
 
@@ -175,6 +239,8 @@ def save_model_dir(
       source: where the weights came from, recorded in the manifest.
       overwrite: replace an existing model folder at `path`.
       progress: show progress bars.
+      quantization: the scheme name of quantized `params` ("int4-g128-sym", "gguf"),
+        recorded in the manifest; quantized fields are stored packed (docs/quantization.md).
 
     Raises:
       CheckpointError: `path` exists (without `overwrite`) or `params` do not match `cfg`.
@@ -183,13 +249,12 @@ def save_model_dir(
 
     check_params(params, cfg)
     dtype = jnp.dtype(cfg.dtype)
-    fields = {k: v if v.dtype == dtype else jnp.asarray(v).astype(dtype)
-              for k, v in param_fields(params).items()}
+    fields, quantized = _stored_arrays(params, dtype)
     tensors: dict[str, dict[str, Any]] = {}
     for name, value in tqdm(fields.items(), desc="checksums", unit="tensor",
                             disable=not progress, leave=False):
-        record: dict[str, Any] = {"shape": list(value.shape), "dtype": cfg.dtype,
-                                  "bytes": int(value.size) * dtype.itemsize}
+        record: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                                  "bytes": int(value.size) * jnp.dtype(value.dtype).itemsize}
         if getattr(value, "is_fully_addressable", True):
             record["crc32"] = crc32(np.asarray(jax.device_get(value)))
         tensors[name] = record
@@ -212,6 +277,8 @@ def save_model_dir(
             "checksum": "crc32 of each tensor's C-order bytes in its stored dtype",
             "params": PARAMS_DIR, "tensors": tensors, "tokenizer_files": tokenizer_files,
         }
+        if quantized:
+            manifest["quantization"] = {"scheme": quantization, "fields": quantized}
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return Path(path)
 
@@ -283,8 +350,8 @@ def load_model_dir(
     manifest = read_manifest(path)
     stored_dtype = manifest["dtype"]
     saved_cfg = manifest_config(path, manifest)
-    expected = {k: s.shape for k, s in param_fields(param_specs(saved_cfg)).items()
-                if isinstance(s, ParamSpec)}
+    quantized = (manifest.get("quantization") or {}).get("fields", {})
+    expected = _expected_arrays(saved_cfg, quantized)
     records: dict[str, Any] = manifest["tensors"]
     missing = sorted(expected.keys() - records.keys())
     extra = sorted(records.keys() - expected.keys())
@@ -298,20 +365,28 @@ def load_model_dir(
             raise CheckpointError(
                 f"tensor {name!r} has shape {records[name]['shape']} in the manifest, its "
                 f"config needs {list(shape)}; re-convert the model")
-        _check_stored_array(folder, name, shape, stored_dtype)
+        _check_stored_array(folder, name, shape, records[name].get("dtype", stored_dtype))
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         where = dict.fromkeys(expected, shardings or default)
     else:
-        where = param_fields(shardings)
-        if where.keys() != expected.keys():
+        by_field = param_fields(shardings)
+        fields = {n.rsplit(".", 1)[0] if n.rsplit(".", 1)[0] in quantized else n
+                  for n in expected}
+        if by_field.keys() != fields:
             raise ConfigError(
-                f"the shardings tree has fields {sorted(where)}, the model {sorted(expected)}; "
+                f"the shardings tree has fields {sorted(by_field)}, the model {sorted(fields)}; "
                 f"build it for this model's config (ShardingRules().param_shardings(cfg, mesh))")
-    abstract = _nest({name: jax.ShapeDtypeStruct(shape, jnp.dtype(stored_dtype),
-                                                 sharding=where[name])
-                      for name, shape in expected.items()})
+        where = {}
+        for name, shape in expected.items():
+            field = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[0] in quantized else name
+            where[name] = by_field[field]
+            if field != name:  # a packed array takes its weight's sharding, whole groups only
+                check_group_sharding(by_field[field], shape, name)
+    abstract = _nest({name: jax.ShapeDtypeStruct(
+        shape, jnp.dtype(records[name].get("dtype", stored_dtype)), sharding=where[name])
+        for name, shape in expected.items()})
     checkpointer = ocp.Checkpointer(
         ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False))
     try:
@@ -333,7 +408,7 @@ def load_model_dir(
     values: dict[str, Any] = {}
     for name in tqdm(expected, desc="verifying", unit="tensor", disable=not (progress and verify),
                      leave=False):
-        value = tree["layers"][name[len("layers."):]] if name.startswith("layers.") else tree[name]
+        value = _get(tree, name)
         want = records[name].get("crc32")
         if verify and want is not None and value.is_fully_addressable:
             got = crc32(np.asarray(jax.device_get(value)))
@@ -341,8 +416,11 @@ def load_model_dir(
                 raise CheckpointError(
                     f"tensor {name!r} in {folder / name} fails its checksum (crc32 {got:#010x}, "
                     f"manifest {want:#010x}): the file is corrupt, re-convert the model")
-        values[name] = value if dtype in (None, stored_dtype) else value.astype(dtype)
+        dense = name.rsplit(".", 1)[0] not in quantized
+        values[name] = value if dtype in (None, stored_dtype) or not dense else value.astype(
+            dtype)
     cfg = saved_cfg.replace(dtype=dtype or stored_dtype, **overrides)
+    values = _assemble_fields(values, quantized)
     layers = LayerParams(**{k.split(".", 1)[1]: v for k, v in values.items()
                             if k.startswith("layers.")})
     params = Params(embed=values["embed"], layers=layers, final_norm=values["final_norm"],

@@ -1,0 +1,107 @@
+"""Perplexity of SmolLM2-135M on the King James Bible under weight-only quantization.
+
+The baseline is the model's Q4_1 GGUF dequantized to float32; every scheme requantizes those
+weights (projections, embedding / tied LM head), and "gguf" keeps the file's own Q4_1 / Q8_0
+blocks (repacked, not expanded). Prints one JSON line per scheme, then a markdown table.
+
+    python scripts/eval_quant.py [--windows 8] [--window-len 512] [--schemes int8,int4,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import numpy as np
+
+from jaxinfer.batch import SequenceChunk, build_step_batch
+from jaxinfer.cache import init_cache
+from jaxinfer.model.params import param_bytes
+from jaxinfer.model.transformer import Batch, forward
+from jaxinfer.quant import quantize_params
+from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.train.data import read_bible
+from jaxinfer.weights.gguf_io import GGUFFile
+from jaxinfer.weights.loader import config_from_gguf, default_model_path, load_params
+
+SCHEMES = ("f32", "int8", "int8-g32", "int4", "int4-g128-asym", "int4-g64", "int4-g64-asym",
+           "int4-g32", "int4-g32-asym", "gguf")
+PAGE = 16
+
+
+def bible_windows(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` consecutive windows of `length` tokens from the start of the Bible text."""
+    text = " ".join(read_bible(max_documents=40))
+    ids = tokenizer.encode(text)
+    if len(ids) < count * length:
+        raise SystemExit(f"the text has {len(ids)} tokens, fewer than {count} x {length}")
+    return [ids[i * length:(i + 1) * length] for i in range(count)]
+
+
+def window_logits(params, cfg, tokens: list[int], run) -> np.ndarray:
+    cache = init_cache(cfg, len(tokens) // PAGE + 1, PAGE)
+    step = build_step_batch([SequenceChunk(tokens, 0, list(range(len(tokens) // PAGE + 1)))],
+                            page_size=PAGE, num_slots=cache.num_slots)
+    logits, _ = run(params, cfg, Batch.from_step(step), cache, all_logits=True)
+    return np.asarray(logits)[:len(tokens)]
+
+
+def nll_sum(logits: np.ndarray, tokens: list[int]) -> float:
+    """Summed negative log-likelihood of tokens[1:] given their prefixes (float64)."""
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(tokens) - 1), tokens[1:]].sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    args = parser.parse_args()
+
+    path = default_model_path()
+    gguf_file = GGUFFile(path)
+    cfg = config_from_gguf(gguf_file, attention_impl="xla", matmul_impl="xla")
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    windows = bible_windows(tokenizer, args.windows, args.window_len)
+    run = jax.jit(forward, static_argnums=1, static_argnames="all_logits")
+    dense = load_params(gguf_file, cfg, progress=False)
+    baseline_logits: np.ndarray | None = None
+    rows = []
+    for scheme in args.schemes.split(","):
+        start = time.perf_counter()
+        if scheme == "f32":
+            params = dense
+        elif scheme == "gguf":
+            params = load_params(gguf_file, cfg, quantize="gguf", progress=False)
+        else:
+            params = quantize_params(dense, scheme)
+        total, count, first = 0.0, 0, None
+        for tokens in windows:
+            logits = window_logits(params, cfg, tokens, run)
+            first = logits if first is None else first
+            total += nll_sum(logits, tokens)
+            count += len(tokens) - 1
+        if scheme == "f32":
+            baseline_logits = first
+        row = {"scheme": scheme, "ppl": round(math.exp(total / count), 4),
+               "weights_mib": round(param_bytes(params) / 2**20, 1),
+               "tokens": count, "seconds": round(time.perf_counter() - start, 1)}
+        if baseline_logits is not None and scheme != "f32":
+            row["max_logit_diff_vs_f32"] = float(np.abs(first - baseline_logits).max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r["ppl"] for r in rows if r["scheme"] == "f32"), None)
+    print("\n| scheme | weights (MiB) | perplexity | vs f32 |\n|---|---:|---:|---:|")
+    for r in rows:
+        delta = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base else "n/a"
+        print(f"| {r['scheme']} | {r['weights_mib']} | {r['ppl']:.3f} | {delta} |")
+
+
+if __name__ == "__main__":
+    main()
