@@ -40,6 +40,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="keep generating past end-of-sequence tokens")
 
 
+QUANTIZE_HELP = ("weight-only quantization: int8, int4, int4-g64-asym, ... or gguf (keep a "
+                 "GGUF file's quantized tensors); default: dense weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxinfer", description="Pure-functional JAX/XLA LLM inference.")
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap the prompt in the model's chat template as a user message")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar or timings")
+    gen.add_argument("--quantize", default=None, metavar="SCHEME", help=QUANTIZE_HELP)
     _add_sampling_args(gen)
     gen.add_argument("prompt", metavar="PROMPT", help=DEFAULT_PROMPT_HELP)
 
@@ -91,12 +96,64 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed repetitions after warm-up; the best is reported")
     bench.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    bench.add_argument("--quantize", default=None, metavar="SCHEME", help=QUANTIZE_HELP)
     _add_roofline_subparser(sub)
+    _add_eval_kv_subparser(sub)
     _add_train_subparser(sub)
     from jaxinfer.convert import add_subparsers as add_convert_subparsers
 
     add_convert_subparsers(sub)
     return parser
+
+
+def _add_eval_kv_subparser(sub: argparse._SubParsersAction) -> None:
+    from jaxinfer.kvcompress.registry import POLICY_NAMES
+
+    ev = sub.add_parser(
+        "eval-kv", help="quality and memory of the KV-cache compression policies",
+        description="Compare KV-cache policies against the full cache on a real model: "
+        "perplexity / KL / top-1 agreement on the King James Bible, passkey retrieval, and "
+        "greedy agreement. JSON lines to stdout, a markdown table to stderr. The default "
+        "run takes ~30 minutes on a 2-core CPU; --full-sweep runs the complete grid.")
+    ev.add_argument("--model", default=None, help="model path or name (default SmolLM2-135M)")
+    ev.add_argument("--policies", default=",".join(POLICY_NAMES),
+                    help=f"comma-separated policies (default all: {','.join(POLICY_NAMES)})")
+    ev.add_argument("--budgets", default="0.5,0.25,0.125",
+                    help="budgets as fractions of the prompt (default 0.5,0.25,0.125)")
+    ev.add_argument("--parts", default="text,passkey,agreement",
+                    help="which measurements (default text,passkey,agreement)")
+    ev.add_argument("--context", type=int, default=4096, help="text window (default 4096)")
+    ev.add_argument("--text-windows", type=int, default=None, help="Bible windows (default 2)")
+    ev.add_argument("--passkey-contexts", default=None,
+                    help="passkey prompt lengths (default 1024,2048,4096)")
+    ev.add_argument("--agreement-prompts", type=int, default=None,
+                    help="greedy-agreement prompts (default 50)")
+    ev.add_argument("--full-sweep", action="store_true",
+                    help="8 text windows of 256 decoded tokens, passkey up to 8k at 5 depths "
+                    "x 2 trials, 32-token continuations (hours on a CPU)")
+    ev.add_argument("--output", default=None, help="also append the JSON lines to this file")
+
+
+def _eval_kv(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jaxinfer.kvcompress.evaluate import FULL_SWEEP, EvalKVConfig, main_json
+
+    split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
+    changes: dict = dict(FULL_SWEEP) if args.full_sweep else {}
+    changes.update(model=args.model, policies=split(args.policies), context=args.context,
+                   budgets=tuple(float(b) for b in split(args.budgets)),
+                   parts=split(args.parts))
+    if args.text_windows is not None:
+        changes["text_windows"] = args.text_windows
+    if args.passkey_contexts is not None:
+        changes["passkey_contexts"] = tuple(int(c) for c in split(args.passkey_contexts))
+    if args.agreement_prompts is not None:
+        changes["agreement_prompts"] = args.agreement_prompts
+    cfg = dataclasses.replace(EvalKVConfig(), **changes)
+    cfg.validate()
+    main_json(cfg, args.output)
+    return 0
 
 
 def _add_roofline_subparser(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop),
         ignore_eos=args.ignore_eos)
     llm = jaxinfer.load(args.model, dtype=args.dtype, progress=not args.quiet,
-                        max_model_len=args.max_model_len)
+                        max_model_len=args.max_model_len, quantize=args.quantize)
     prompt = _read_prompt(args.prompt)
 
     def stream(_: int, delta: str) -> None:
@@ -170,7 +227,8 @@ def _bench(args: argparse.Namespace) -> int:
                            compare=args.compare, repeats=args.repeats, output=args.output,
                            max_model_len=args.max_model_len, page_size=args.page_size,
                            kv_cache_tokens=args.kv_cache_tokens,
-                           max_num_batched_tokens=args.max_num_batched_tokens)
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           quantize=args.quantize)
     if args.workload == "serve":
         from jaxinfer.bench_serve import parse_rates, run_serve_benchmark_from
 
@@ -291,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "roofline":
             return _roofline(args)
+        if args.command == "eval-kv":
+            return _eval_kv(args)
         if args.command == "train":
             return _train(args)
         if args.command in ("convert", "inspect"):

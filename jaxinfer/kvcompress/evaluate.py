@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxinfer.errors import ConfigError
 from jaxinfer.kvcompress.model import capture_prefill, compress, decode_step
+from jaxinfer.kvcompress.razor import find_retrieval_heads
 from jaxinfer.kvcompress.registry import BUDGETED, POLICY_NAMES, make_policy
 from jaxinfer.kvcompress.slots import nbytes
 
@@ -87,9 +88,10 @@ def run_configs(cfg: EvalKVConfig) -> list[tuple[str, float | None]]:
     return out
 
 
-def _policy(name: str, frac: float | None, prompt_len: int, max_len: int) -> Any:
+def _policy(name: str, frac: float | None, prompt_len: int, max_len: int,
+            heads: tuple = ()) -> Any:
     budget = None if frac is None else max(8, int(round(frac * prompt_len)))
-    return make_policy(name, max_len=max_len, budget=budget)
+    return make_policy(name, max_len=max_len, budget=budget, retrieval_heads=heads)
 
 
 def _label(name: str, frac: float | None) -> str:
@@ -128,7 +130,8 @@ def _bible_ids(tokenizer: Any, count: int, start: int) -> list[int]:
     return ids[:count]
 
 
-def eval_text(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> None:
+def eval_text(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable,
+              heads: tuple = ()) -> None:
     D, ctx = cfg.text_decode, cfg.context
     P = ctx - D
     ids = np.asarray(_bible_ids(tokenizer, ctx * cfg.text_windows, 0)).reshape(-1, ctx)
@@ -142,7 +145,7 @@ def eval_text(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> Non
         prefill_s = time.perf_counter() - t0
         full_lp = None
         for name, frac in run_configs(cfg):
-            policy = _policy(name, frac, ctx, ctx)
+            policy = _policy(name, frac, ctx, ctx, heads)
             logits, _, kv_bytes = _generate(params, mcfg, policy, captured, lengths, first, D,
                                             forced=cont)
             lp = _log_softmax(logits[0].astype(np.float64))  # [D, V]
@@ -184,7 +187,8 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, key: int) -> list[
     return head + unit * at + needle + unit * (n - at) + tail
 
 
-def eval_passkey(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> None:
+def eval_passkey(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable,
+              heads: tuple = ()) -> None:
     rng = random.Random(cfg.seed)
     steps = 7
     for ctx in cfg.passkey_contexts:
@@ -198,7 +202,7 @@ def eval_passkey(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> 
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
         first, captured = capture_prefill(params, mcfg, jnp.asarray(toks), lengths)
         for name, frac in run_configs(cfg):
-            policy = _policy(name, frac, T, T + steps)
+            policy = _policy(name, frac, T, T + steps, heads)
             _, out, _ = _generate(params, mcfg, policy, captured, lengths, first, steps)
             for (depth, key), row in zip(cells, out, strict=True):
                 text = tokenizer.decode([int(t) for t in row])
@@ -209,7 +213,8 @@ def eval_passkey(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> 
         print(f"[eval-kv] passkey context {ctx} done", file=sys.stderr)
 
 
-def eval_agreement(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -> None:
+def eval_agreement(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable,
+              heads: tuple = ()) -> None:
     L, new = cfg.agreement_prompt_len, cfg.agreement_new_tokens
     ids = np.asarray(_bible_ids(tokenizer, L * cfg.agreement_prompts, 300)).reshape(-1, L)
     scores: dict[str, list[float]] = {}
@@ -220,7 +225,7 @@ def eval_agreement(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable) -
         first, captured = capture_prefill(params, mcfg, toks, lengths)
         ref = None
         for name, frac in run_configs(cfg):
-            policy = _policy(name, frac, L, L + new)
+            policy = _policy(name, frac, L, L + new, heads)
             _, out, _ = _generate(params, mcfg, policy, captured, lengths, first, new)
             ref = out if ref is None else ref
             scores.setdefault(_label(name, frac), []).extend((out == ref).mean(1))
@@ -268,9 +273,13 @@ def run(cfg: EvalKVConfig, emit: Callable[[dict[str, Any]], None]) -> list[dict[
         rows.append(row)
         emit(row)
 
+    heads: tuple = ()
+    if "razor" in cfg.policies:
+        heads = find_retrieval_heads(loaded.params, loaded.cfg)
+        print(f"[eval-kv] RazorAttention retrieval heads per layer: {heads}", file=sys.stderr)
     parts = {"text": eval_text, "passkey": eval_passkey, "agreement": eval_agreement}
     for part in cfg.parts:
-        parts[part](loaded.params, loaded.cfg, loaded.tokenizer, cfg, keep)
+        parts[part](loaded.params, loaded.cfg, loaded.tokenizer, cfg, keep, heads)
     return rows
 
 

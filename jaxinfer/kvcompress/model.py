@@ -66,7 +66,8 @@ def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
         o, stats = causal_prefill(q, k, v, lengths, layer_window(cfg, is_sliding),
                                   scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap,
                                   obs_window=obs_window)
-        out = per_layer(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats))
+        out = per_layer(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
+                                       layer=layer))
         x = attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S * T, K * G, E))
         return x, out
 
@@ -109,10 +110,12 @@ def capture_prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
 @functools.partial(jax.jit, static_argnames=("policy",))
 def compress(policy: Any, captured: tuple, lengths: jax.Array) -> KVState:
     """The `KVState` that `prefill` with `policy` would have produced, from a capture."""
-    def one(layer_capture: tuple) -> Any:
-        q, k, v, stats = layer_capture
-        return policy.prefill(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats))
-    return KVState(cache=jax.lax.map(one, captured), seen=lengths.astype(jnp.int32))
+    def one(xs: tuple) -> Any:
+        layer, (q, k, v, stats) = xs
+        return policy.prefill(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
+                                             layer=layer))
+    layers = jnp.arange(captured[1].shape[0], dtype=jnp.int32)
+    return KVState(cache=jax.lax.map(one, (layers, captured)), seen=lengths.astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_native"),

@@ -30,6 +30,7 @@ class PrefillContext:
     v: jax.Array  # [S, T, K, E]
     lengths: jax.Array  # [S]
     stats: PrefillStats
+    layer: jax.Array | None = None  # traced layer index (policies with per-layer tables)
 
 
 @dataclasses.dataclass(frozen=True)
