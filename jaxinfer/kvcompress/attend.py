@@ -60,6 +60,38 @@ class PrefillStats(NamedTuple):
     col_hits: jax.Array
 
 
+def attend_with_new(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_new: jax.Array,
+    v_new: jax.Array, *, scale: float, soft_cap: float | None = None,
+    bias: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decode attention of q [S, K, G, E] over cached slots k, v [S, N, K, E] plus this
+    step's own key/value k_new, v_new [S, K, E], without writing them into the cache first
+    (so the cache is read before it is updated in place, never copied).
+
+    Args:
+      mask: [S, K, N] readable slots; bias: optional [S, K, N] logit bias.
+
+    Returns:
+      (out [S, K, G, E], slot probabilities [S, K, G, N], the new token's [S, K, G]).
+    """
+    qf = q.astype(jnp.float32)
+    s = softcap(jnp.einsum("skge,snke->skgn", qf, k.astype(jnp.float32)) * scale, soft_cap)
+    if bias is not None:
+        s = s + bias[:, :, None]
+    s = jnp.where(mask[:, :, None], s, NEG_INF)
+    s_new = softcap(jnp.einsum("skge,ske->skg", qf, k_new.astype(jnp.float32)) * scale,
+                    soft_cap)
+    m = jnp.maximum(jnp.max(s, axis=-1), s_new)
+    e = jnp.where(mask[:, :, None], jnp.exp(s - m[..., None]), 0.0)
+    e_new = jnp.exp(s_new - m)
+    denom = e.sum(-1) + e_new
+    p, p_new = e / denom[..., None], e_new / denom
+    out = (jnp.einsum("skgn,snke->skge", p, v.astype(jnp.float32))
+           + p_new[..., None] * v_new.astype(jnp.float32)[:, :, None])
+    return out.astype(q.dtype), p, p_new
+
+
 def causal_prefill(
     q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: jax.Array | None,
     *, scale: float, soft_cap: float | None, obs_window: int, block: int = 1024,

@@ -134,19 +134,38 @@ def decode_step(params: Params, cfg: ModelConfig, policy: Any, tokens: jax.Array
     rope = layer_rope(cfg, state.seen)
     layers = params.layers
 
-    def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
-        x, cache = carry
-        layer, is_sliding = xs
+    def layer_step(x: jax.Array, cache: Any, layer: jax.Array, cache_layer: jax.Array,
+                   is_sliding: jax.Array) -> tuple[jax.Array, Any]:
         lp = jax.tree.map(lambda a: a[layer], layers)
         q, k, v = qkv_heads(cfg, layers, lp, layer, x, rope, is_sliding)
         ctx = DecodeContext(q=q.reshape(S, K, G, E), k=k, v=v, seen=state.seen,
                             window=layer_window(cfg, is_sliding), scale=cfg.attention_scale,
-                            soft_cap=cfg.attn_logit_softcap, use_native=use_native)
-        o, cache = policy.decode(cache, layer, ctx)
-        x = attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S, K * G, E))
-        return (x, cache), None
+                            soft_cap=cfg.attn_logit_softcap, use_native=use_native,
+                            model_layer=layer)
+        o, cache = policy.decode(cache, cache_layer, ctx)
+        return attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S, K * G, E)), cache
 
     xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(cfg.sliding_layer_mask))
-    (x, cache), _ = jax.lax.scan(body, (x, state.cache), xs)
+    if policy.needs_probs or not getattr(policy, "writes_in_place", True):
+        # These policies read the slots, then write where the attention says. Carrying the
+        # stacked cache, XLA:CPU cannot order the value read before the in-place write and
+        # copies the whole stack every layer; scanning over per-layer slices costs one read
+        # and one write of the cache per step instead.
+        def body(x: jax.Array, xs: tuple) -> tuple[jax.Array, Any]:
+            layer, is_sliding, cache_l = xs
+            x, cache_l = layer_step(x, jax.tree.map(lambda a: a[None], cache_l), layer,
+                                    jnp.int32(0), is_sliding)
+            return x, jax.tree.map(lambda a: a[0], cache_l)
+
+        x, cache = jax.lax.scan(body, x, (*xs, state.cache))
+    else:
+        # Write-then-read policies update the carried stack in place (no copy).
+        def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            x, cache = carry
+            layer, is_sliding = xs
+            x, cache = layer_step(x, cache, layer, layer, is_sliding)
+            return (x, cache), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, state.cache), xs)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps, cfg.norm_weight_offset)
     return compute_logits(params, cfg, x), KVState(cache=cache, seen=state.seen + 1)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxinfer import cpu_kernels
 from jaxinfer.kvcompress import slots as sl
-from jaxinfer.kvcompress.attend import PrefillStats, attend
+from jaxinfer.kvcompress.attend import PrefillStats, attend, attend_with_new
 
 
 @flax.struct.dataclass
@@ -46,6 +46,9 @@ class DecodeContext:
     scale: float
     soft_cap: float | None
     use_native: bool = False  # the native CPU kernel may read the slots in place
+    # The model's layer index, when the cache passed to `decode` is one layer's slice
+    # (its `layer` argument is then 0); policies with per-layer tables read this.
+    model_layer: jax.Array | None = None
 
 
 def _protect(score: jax.Array, pos: jax.Array, upto: jax.Array, sink: int, recent: int):
@@ -83,7 +86,9 @@ class SlotPolicy:
         raise NotImplementedError
 
     def update_score(self, score: jax.Array, probs: jax.Array, valid: jax.Array) -> jax.Array:
-        """New score [S, B+1, K] after a step whose per-KV-head attention is probs."""
+        """New scores [S, B, K] after a step that gave the slots per-KV-head attention
+        `probs` [S, B, K]; `valid` [S, B, K] marks occupied slots. Also used with a zero
+        score for the incoming token's initial score."""
         return score + probs
 
     def prefill(self, ctx: PrefillContext) -> sl.SlotCache:
@@ -96,41 +101,50 @@ class SlotPolicy:
                                  raw_score=raw)
 
     def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
-        return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None],
-                        self.sink, max(self.recent, 1))
+        """[S, B, K] lowest leaves; the incoming token (position `seen`) is never a victim."""
+        return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None] - 1,
+                        self.sink, self.recent - 1)
 
     def decode(self, cache: sl.SlotCache, layer: jax.Array, ctx: DecodeContext
                ) -> tuple[jax.Array, sl.SlotCache]:
-        cache, _ = sl.write_incoming(cache, layer, ctx.k, ctx.v, ctx.seen)
-        pos = cache.pos[layer]
         S, K, G, E = ctx.q.shape
-        if ctx.use_native and not self.needs_probs and not self.merge and ctx.window is None:
-            # Valid slots are the prefix [0, min(seen, B) + 1): one contiguous "page" per
-            # sequence, read in place by the native kernel.
-            B1 = cache.k.shape[2]
-            kv_len = jnp.minimum(ctx.seen, B1 - 1) + 1
-            o = cpu_kernels.paged_decode_attention(
-                ctx.q.reshape(S, K * G, E), cache.k, cache.v, kv_len,
-                jnp.arange(S, dtype=jnp.int32)[:, None], layer, None, sm_scale=ctx.scale,
-                soft_cap=ctx.soft_cap)
-            probs = None
-        else:
-            mask = sl.slot_mask(pos)
-            if ctx.window is not None:
-                mask = mask & (ctx.seen[:, None, None, None] - pos.transpose(0, 2, 1)[:, :, None]
-                               < ctx.window)
-            bias = sl.merge_bias(cache.mult[layer]) if self.merge and self.merge_bias else None
-            o, p = attend(ctx.q[:, None], cache.k[layer], cache.v[layer], mask,
-                          scale=ctx.scale, soft_cap=ctx.soft_cap, bias=bias)
-            o = o.reshape(S, K * G, E)
-            probs = p[:, :, :, 0].sum(axis=2).transpose(0, 2, 1)  # [S, B+1, K]
-        if probs is not None:
-            cache = cache.replace(score=cache.score.at[layer].set(
-                self.update_score(cache.score[layer], probs, pos >= 0)))
-        rank = self.victim_rank(cache, layer, ctx.seen)
-        cache = sl.evict_one(cache, layer, rank, ctx.seen, merge=self.merge,
-                             merge_threshold=self.merge_threshold)
-        return o, cache
+        B = cache.budget
+        if not self.needs_probs:
+            # The victim does not depend on this step's attention: write first, then read
+            # the slots (in place, with the native kernel when allowed).
+            target = sl.target_slot(self.victim_rank(cache, layer, ctx.seen), ctx.seen)
+            cache = sl.write_slot(cache, layer, target, ctx.k, ctx.v, ctx.seen,
+                                  jnp.zeros((S, K), jnp.float32))
+            if ctx.use_native and ctx.window is None:
+                # Valid slots are the prefix [0, min(seen + 1, B)): one contiguous "page"
+                # per sequence, read in place from the stacked cache.
+                kv_len = jnp.minimum(ctx.seen + 1, B)
+                o = cpu_kernels.paged_decode_attention(
+                    ctx.q.reshape(S, K * G, E), cache.k, cache.v, kv_len,
+                    jnp.arange(S, dtype=jnp.int32)[:, None], layer, None, sm_scale=ctx.scale,
+                    soft_cap=ctx.soft_cap)
+                return o, cache
+            mask = sl.slot_mask(cache.pos[layer], ctx.seen, ctx.window)
+            o, _ = attend(ctx.q[:, None], cache.k[layer], cache.v[layer], mask[:, :, None],
+                          scale=ctx.scale, soft_cap=ctx.soft_cap)
+            return o.reshape(S, K * G, E), cache
+        # Read the kept slots and this step's token, then score, pick the victim, write.
+        pos = cache.pos[layer]
+        mask = sl.slot_mask(pos, ctx.seen, ctx.window)
+        bias = sl.merge_bias(cache.mult[layer]) if self.merge and self.merge_bias else None
+        o, p, p_new = attend_with_new(ctx.q, cache.k[layer], cache.v[layer], mask, ctx.k,
+                                      ctx.v, scale=ctx.scale, soft_cap=ctx.soft_cap, bias=bias)
+        probs = p.sum(axis=2).transpose(0, 2, 1)  # [S, B, K]
+        valid = pos >= 0
+        cache = cache.replace(score=cache.score.at[layer].set(
+            self.update_score(cache.score[layer], probs, valid)))
+        target = sl.target_slot(self.victim_rank(cache, layer, ctx.seen), ctx.seen)
+        if self.merge:
+            cache = sl.merge_victim(cache, layer, target, ctx.seen, self.merge_threshold)
+        new_score = self.update_score(jnp.zeros((S, 1, K), jnp.float32),
+                                      p_new.sum(axis=2)[:, None], valid)[:, 0]
+        cache = sl.write_slot(cache, layer, target, ctx.k, ctx.v, ctx.seen, new_score)
+        return o.reshape(S, K * G, E), cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kvcompress import slots as sl
-from jaxinfer.kvcompress.attend import attend
+from jaxinfer.kvcompress.attend import attend, attend_with_new
 from jaxinfer.kvcompress.policies import H2O, DecodeContext, PrefillContext
 
 SCALE_DTYPE = jnp.float16
@@ -291,27 +291,25 @@ class MiKV:
     def decode(self, cache: MiKVCache, layer, ctx: DecodeContext):
         S, K, G, E = ctx.q.shape
         g = min(self.group, E)
-        low = token_quant_write(cache.low, layer, ctx.k, ctx.v, ctx.seen, self.low_bits, g)
-        high, _ = sl.write_incoming(cache.high, layer, ctx.k, ctx.v, ctx.seen)
-        lk, lv = token_quant_read(low, layer, self.low_bits, g)  # [S, N, K, E]
+        high = cache.high
+        lk, lv = token_quant_read(cache.low, layer, self.low_bits, g)  # [S, N, K, E]
         N = lk.shape[1]
-        hpos = high.pos[layer]  # [S, B+1, K]
+        hpos = high.pos[layer]  # [S, B, K]
         # Low-precision tokens that have a full-precision copy are not read twice.
         covered = jnp.zeros((S, N + 1, K), bool).at[
             jnp.arange(S)[:, None, None], jnp.where(hpos >= 0, hpos, N),
             jnp.arange(K)[None, None, :]].set(True)[:, :N]
         lpos = jnp.broadcast_to(jnp.arange(N), (S, N))
-        lmask = _window_mask(lpos, ctx.seen, ctx.window) & ~covered.transpose(0, 2, 1)[:, :, None]
-        hmask = sl.slot_mask(hpos)
-        if ctx.window is not None:
-            hmask = hmask & (ctx.seen[:, None, None, None] - hpos.transpose(0, 2, 1)[:, :, None]
-                             < ctx.window)
+        lmask = _window_mask(lpos, ctx.seen - 1, ctx.window)[:, 0, 0]  # [S, N]: earlier tokens
+        lmask = lmask[:, None, :] & ~covered.transpose(0, 2, 1)  # [S, K, N]
+        hmask = sl.slot_mask(hpos, ctx.seen, ctx.window)
         keys = jnp.concatenate([lk, high.k[layer].astype(jnp.float32)], axis=1)
         vals = jnp.concatenate([lv, high.v[layer].astype(jnp.float32)], axis=1)
-        o, p = attend(ctx.q[:, None], keys, vals, jnp.concatenate([lmask, hmask], axis=-1),
-                      scale=ctx.scale, soft_cap=ctx.soft_cap)
-        probs = p[:, :, :, 0, N:].sum(axis=2).transpose(0, 2, 1)  # [S, B+1, K]
+        o, p, p_new = attend_with_new(ctx.q, keys, vals, jnp.concatenate([lmask, hmask], -1),
+                                      ctx.k, ctx.v, scale=ctx.scale, soft_cap=ctx.soft_cap)
+        probs = p[..., N:].sum(axis=2).transpose(0, 2, 1)  # [S, B, K]
         high = high.replace(score=high.score.at[layer].add(probs))
-        rank = self.selector.victim_rank(high, layer, ctx.seen)
-        high = sl.evict_one(high, layer, rank, ctx.seen)
+        target = sl.target_slot(self.selector.victim_rank(high, layer, ctx.seen), ctx.seen)
+        high = sl.write_slot(high, layer, target, ctx.k, ctx.v, ctx.seen, p_new.sum(axis=2))
+        low = token_quant_write(cache.low, layer, ctx.k, ctx.v, ctx.seen, self.low_bits, g)
         return o.reshape(S, K * G, E), MiKVCache(low=low, high=high)

@@ -57,6 +57,9 @@ class RazorAttention:
     sink: int = 4
     retrieval_heads: HeadTable = ()
     needs_probs: ClassVar[bool] = False
+    # Its decode reads the window before folding the leaving token: scan per-layer slices
+    # (see kvcompress.model.decode_step).
+    writes_in_place: ClassVar[bool] = False
     name: ClassVar[str] = "razor"
 
     def __post_init__(self) -> None:
@@ -145,10 +148,10 @@ class RazorAttention:
     def decode(self, cache: RazorCache, layer: jax.Array, ctx: DecodeContext
                ) -> tuple[jax.Array, RazorCache]:
         S, K, G, E = ctx.q.shape
-        if self.retrieval_heads and len(self.retrieval_heads) != cache.full_k.shape[0]:
-            raise ValueError(f"{len(self.retrieval_heads)} layers of retrieval heads for a "
-                             f"{cache.full_k.shape[0]}-layer cache")
-        retrieval, others = self._heads(layer, K)
+        # The cache may be one layer's slice (kvcompress.model); the head table is indexed
+        # by the model's layer.
+        model_layer = layer if ctx.model_layer is None else ctx.model_layer
+        retrieval, others = self._heads(model_layer, K)
         R, O = retrieval.shape[0], others.shape[0]
         s = jnp.arange(S)
         seen = ctx.seen.astype(jnp.int32)

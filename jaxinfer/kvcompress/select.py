@@ -55,7 +55,9 @@ class TokenSelect:
 
     def decode(self, cache: SelectCache, layer, ctx: DecodeContext):
         S, K, G, E = ctx.q.shape
-        slots, slot = sl.write_incoming(cache.slots, layer, ctx.k, ctx.v, ctx.seen)
+        slot = ctx.seen.astype(jnp.int32)  # every token is kept: slot = position
+        slots = sl.write_slot(cache.slots, layer, jnp.broadcast_to(slot[:, None], (S, K)),
+                              ctx.k, ctx.v, ctx.seen, jnp.zeros((S, K), jnp.float32))
         k_l, v_l, pos = slots.k[layer], slots.v[layer], slots.pos[layer]  # [S, N, K, E]
         q = ctx.q.astype(jnp.float32)
         prev = cache.prev_q[layer]

@@ -3,9 +3,9 @@
 Legend: L layers, S sequences, B budget (slots), K KV heads, E head dim, T prefill tokens.
 Each slot keeps a token's rotated key and value (RoPE already applied at the token's
 original position, so attention needs no re-rotation) plus that position, a policy score
-and, when merging, how many tokens the slot stands for. One spare slot (index B) receives
-the incoming token of a decode step before the policy decides which slot leaves, so the
-arrays are [.., B + 1, ..] and valid slots are always the prefix [0, min(seen, B) + 1).
+and, when merging, how many tokens the slot stands for. Valid slots are always the
+prefix [0, min(seen, B)). A decode step reads the slots, then writes its token with one
+scatter into the next free slot or the victim's, so XLA updates the cache in place.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ INF = 3e38
 class SlotCache:
     """Kept tokens of one or all layers (a leading L axis when stacked)."""
 
-    k: Any  # [(L,) S, B+1, K, E]
-    v: Any  # [(L,) S, B+1, K, E]
-    pos: Any  # [(L,) S, B+1, K] int32 original positions, -1 for an empty slot
-    score: Any  # [(L,) S, B+1, K] float32 policy importance (higher is kept)
-    mult: Any  # [(L,) S, B+1, K] float32 tokens merged into the slot (1: itself)
+    k: Any  # [(L,) S, B, K, E]
+    v: Any  # [(L,) S, B, K, E]
+    pos: Any  # [(L,) S, B, K] int32 original positions, -1 for an empty slot
+    score: Any  # [(L,) S, B, K] float32 policy importance (higher is kept)
+    mult: Any  # [(L,) S, B, K] float32 tokens merged into the slot (1: itself)
 
     @property
     def budget(self) -> int:
-        return self.k.shape[-3] - 1
+        return self.k.shape[-3]
 
 
 def select_prefill(
@@ -70,7 +70,7 @@ def select_prefill(
     if merge and n < T:
         ks, vs, mult = _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, raw,
                                       merge_threshold)
-    pad = budget + 1 - n
+    pad = budget - n
     padn = lambda a, fill: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
                                    constant_values=fill)
     return SlotCache(k=padn(ks, 0).astype(k.dtype), v=padn(vs, 0).astype(v.dtype),
@@ -101,71 +101,55 @@ def _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, weight, threshold):
     return ks, vs, mult * (1.0 + added / w_kept)
 
 
-def write_incoming(cache: SlotCache, layer: jax.Array, k: jax.Array, v: jax.Array,
-                   seen: jax.Array) -> tuple[SlotCache, jax.Array]:
-    """Write a decode step's token (k, v [S, K, E], at position `seen` [S]) into slot
-    min(seen, B) of every KV head; returns the cache and that slot index [S]."""
-    B = cache.budget
-    slot = jnp.minimum(seen, B).astype(jnp.int32)
-    s = jnp.arange(k.shape[0])
+def write_slot(cache: SlotCache, layer: jax.Array, target: jax.Array, k: jax.Array,
+               v: jax.Array, seen: jax.Array, score: jax.Array) -> SlotCache:
+    """Write a decode step's token (k, v [S, K, E] at position `seen` [S], initial `score`
+    [S, K]) into slot target [S, K] of each KV head (out of range: not kept)."""
+    S, K = target.shape
+    si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
+    at = lambda a: a.at[layer, si, target, hi]  # noqa: E731
     return cache.replace(
-        k=cache.k.at[layer, s, slot].set(k.astype(cache.k.dtype)),
-        v=cache.v.at[layer, s, slot].set(v.astype(cache.v.dtype)),
-        pos=cache.pos.at[layer, s, slot].set(jnp.broadcast_to(seen[:, None], k.shape[:2])),
-        mult=cache.mult.at[layer, s, slot].set(1.0),
-    ), slot
+        k=at(cache.k).set(k.astype(cache.k.dtype), mode="drop"),
+        v=at(cache.v).set(v.astype(cache.v.dtype), mode="drop"),
+        pos=at(cache.pos).set(jnp.broadcast_to(seen[:, None], (S, K)), mode="drop"),
+        score=at(cache.score).set(score, mode="drop"),
+        mult=at(cache.mult).set(1.0, mode="drop"))
 
 
-def evict_one(cache: SlotCache, layer: jax.Array, victim_rank: jax.Array, seen: jax.Array,
-              *, merge: bool = False, merge_threshold: float = 0.0) -> SlotCache:
-    """Where a sequence's B slots were full before this step, drop (or merge) the slot of
-    lowest `victim_rank` [S, B+1, K] per KV head and move the incoming token (slot B) there.
-    """
-    B = cache.budget
-    S, K = victim_rank.shape[0], victim_rank.shape[2]
-    full = seen >= B  # [S]
-    victim = jnp.argmin(victim_rank, axis=1).astype(jnp.int32)  # [S, K]
+def target_slot(victim_rank: jax.Array, seen: jax.Array) -> jax.Array:
+    """Where a decode step's token goes [S, K]: the next free slot while the budget is not
+    full (the same for every head), else the slot of lowest `victim_rank` [S, B, K]."""
+    B = victim_rank.shape[1]
+    victim = jnp.argmin(victim_rank, axis=1).astype(jnp.int32)
+    return jnp.where((seen < B)[:, None], seen[:, None].astype(jnp.int32), victim)
+
+
+def merge_victim(cache: SlotCache, layer: jax.Array, target: jax.Array, seen: jax.Array,
+                 threshold: float) -> SlotCache:
+    """Before a full cache's victim slot `target` [S, K] is overwritten, fold its value into
+    the other valid slot with the most similar key (cosine >= threshold), weighted by their
+    scores, and grow that slot's multiplicity."""
+    S, B, K, E = cache.k.shape[1:]
     si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
-    # Sequences that were not full, and heads whose victim is the incoming token itself,
-    # write out of range (dropped).
-    target = jnp.where(full[:, None] & (victim != B), victim, B + 1)
-    k_l, v_l = cache.k[layer], cache.v[layer]
-    if merge:
-        cache = _merge_victim(cache, layer, victim, full, merge_threshold)
-        k_l, v_l = cache.k[layer], cache.v[layer]
-    moved = lambda a: a[layer, si, B, hi]  # noqa: E731
-    cache = cache.replace(
-        k=cache.k.at[layer, si, target, hi].set(k_l[si, B, hi], mode="drop"),
-        v=cache.v.at[layer, si, target, hi].set(v_l[si, B, hi], mode="drop"),
-        pos=cache.pos.at[layer, si, target, hi].set(moved(cache.pos), mode="drop"),
-        score=cache.score.at[layer, si, target, hi].set(moved(cache.score), mode="drop"),
-        mult=cache.mult.at[layer, si, target, hi].set(moved(cache.mult), mode="drop"),
-    )
-    return cache
-
-
-def _merge_victim(cache: SlotCache, layer, victim, full, threshold) -> SlotCache:
-    """Fold the victim slot's value into its most similar other valid slot (keys by
-    cosine), weighted by their scores, before it is overwritten."""
-    S, B1, K, E = cache.k.shape[1:]
-    si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
+    full = (seen >= B)[:, None]
+    safe_t = jnp.minimum(target, B - 1)
     k_l = cache.k[layer].astype(jnp.float32)
     unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
-    sim = jnp.einsum("ske,sbke->skb", unit(k_l[si, victim, hi]), unit(k_l))
+    sim = jnp.einsum("ske,sbke->skb", unit(k_l[si, safe_t, hi]), unit(k_l))
     ok = (cache.pos[layer] >= 0).transpose(0, 2, 1) & (
-        jnp.arange(B1)[None, None, :] != victim[..., None])
+        jnp.arange(B)[None, None, :] != safe_t[..., None])
     sim = jnp.where(ok, sim, -INF)
     into = jnp.argmax(sim, axis=-1)  # [S, K]
-    do = full[:, None] & (jnp.max(sim, axis=-1) >= threshold) & (victim != B1 - 1)
+    do = full & (jnp.max(sim, axis=-1) >= threshold)
     safe = jnp.where(do, into, 0)
     score = cache.score[layer]
-    w_v = jnp.maximum(score[si, victim, hi], 0.0)
+    w_v = jnp.maximum(score[si, safe_t, hi], 0.0)
     w_i = jnp.maximum(score[si, safe, hi], 1e-6)
-    v_l = cache.v[layer].astype(jnp.float32)
-    new_v = (v_l[si, safe, hi] * w_i[..., None] + v_l[si, victim, hi] * w_v[..., None]) / (
-        w_i + w_v)[..., None]
+    v_l = cache.v[layer]
+    new_v = (v_l[si, safe, hi].astype(jnp.float32) * w_i[..., None]
+             + v_l[si, safe_t, hi].astype(jnp.float32) * w_v[..., None]) / (w_i + w_v)[..., None]
     new_mult = cache.mult[layer][si, safe, hi] * (1.0 + w_v / w_i)
-    into = jnp.where(do, into, B1)  # out of range: no merge
+    into = jnp.where(do, into, B)  # out of range: no merge
     return cache.replace(
         v=cache.v.at[layer, si, into, hi].set(new_v.astype(cache.v.dtype), mode="drop"),
         mult=cache.mult.at[layer, si, into, hi].set(new_mult, mode="drop"),
@@ -173,15 +157,18 @@ def _merge_victim(cache: SlotCache, layer, victim, full, threshold) -> SlotCache
     )
 
 
-def slot_mask(cache_layer_pos: jax.Array) -> jax.Array:
-    """[S, K, 1, B+1] readable slots of one layer (the incoming token already written)."""
-    return (cache_layer_pos >= 0).transpose(0, 2, 1)[:, :, None, :]
+def slot_mask(pos_layer: jax.Array, seen: jax.Array, window: jax.Array | None) -> jax.Array:
+    """[S, K, B] slots of one layer readable by the token at position `seen` [S]."""
+    m = pos_layer >= 0
+    if window is not None:
+        m = m & (seen[:, None, None] - pos_layer < window)
+    return m.transpose(0, 2, 1)
 
 
 def merge_bias(mult_layer: jax.Array) -> jax.Array:
-    """Log-multiplicity logit bias [S, K, 1, B+1]: a slot that stands for n merged tokens
-    takes the softmax mass n near-identical keys would have had."""
-    return jnp.log(jnp.maximum(mult_layer, 1.0)).transpose(0, 2, 1)[:, :, None, :]
+    """Log-multiplicity logit bias [S, K, B]: a slot that stands for n merged tokens takes
+    the softmax mass n near-identical keys would have had."""
+    return jnp.log(jnp.maximum(mult_layer, 1.0)).transpose(0, 2, 1)
 
 
 def nbytes(tree: Any) -> int:
