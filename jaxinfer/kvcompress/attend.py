@@ -107,7 +107,7 @@ def causal_prefill(
     T = q.shape[1]
     key_pos = jnp.arange(T)
     key_ok = key_pos[None, :] < lengths[:, None]  # [S, N]
-    outs, col_all, col_obs, col_hits = [], 0.0, 0.0, 0.0
+    outs, col_all = [], 0.0
     for start in range(0, T, block):
         stop = min(T, start + block)
         qp = jnp.arange(start, stop)
@@ -118,13 +118,19 @@ def causal_prefill(
         mask = mask & q_ok[:, :, None]
         o, p = attend(q[:, start:stop], k, v, mask[:, None], scale=scale, soft_cap=soft_cap)
         outs.append(o)
-        pg = p.sum(axis=2)  # [S, K, t, N]
-        col_all = col_all + pg.sum(axis=2)
-        in_obs = (qp[None, :] >= lengths[:, None] - obs_window) & q_ok  # [S, t]
-        obs = in_obs.astype(jnp.float32)
-        col_obs = col_obs + jnp.einsum("sktn,st->skn", pg, obs)
-        share = 1.0 / (qp[:, None].astype(jnp.float32) + 1.0)
-        hits = (p > share[None, None, None]).sum(axis=2).astype(jnp.float32)
-        col_hits = col_hits + jnp.einsum("sktn,st->skn", hits, obs)
+        col_all = col_all + p.sum(axis=(2, 3))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    # The observation window's statistics come from its own few queries (gathered per
+    # sequence), not from a masked pass over every query's probabilities.
+    W = min(obs_window, T)
+    qpos = jnp.maximum(lengths[:, None] - W, 0) + jnp.arange(W)[None, :]  # [S, W]
+    q_ok = qpos < lengths[:, None]
+    q_obs = jnp.take_along_axis(q, qpos[:, :, None, None, None], axis=1)  # [S, W, K, G, E]
+    mask = (key_pos[None, None, :] <= qpos[:, :, None]) & key_ok[:, None, :] & q_ok[:, :, None]
+    if window is not None:
+        mask = mask & (qpos[:, :, None] - key_pos[None, None, :] < window)
+    _, p = attend(q_obs, k, v, mask[:, None], scale=scale, soft_cap=soft_cap)  # [S,K,G,W,N]
+    col_obs = p.sum(axis=(2, 3))
+    share = 1.0 / (qpos.astype(jnp.float32) + 1.0)  # [S, W]
+    col_hits = (p > share[:, None, None, :, None]).astype(jnp.float32).sum(axis=(2, 3))
     return out, PrefillStats(col_all, col_obs, col_hits)

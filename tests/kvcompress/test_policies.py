@@ -239,3 +239,29 @@ def test_bad_policy_names_and_budgets():
         make_policy("lru", max_len=64, budget=8)
     with pytest.raises(ConfigError, match="budget of at least 8"):
         make_policy("h2o", max_len=64, budget=2)
+
+
+def test_prefill_statistics_against_numpy():
+    """col_all / col_obs / col_hits of a ragged causal prefill (block of 8 < T) against a
+    float64 brute force over the whole probability matrix."""
+    from jaxinfer.kvcompress.attend import causal_prefill
+
+    S, T, K, G, E, W = 2, 20, 2, 3, 8, 5
+    ctx = _synthetic_ctx(S=S, T=T, K=K, G=G, E=E, seed=7)
+    lengths = np.asarray([20, 13])
+    _, st = causal_prefill(ctx.q, ctx.k, ctx.v, jnp.asarray(lengths), None, scale=0.3,
+                           soft_cap=None, obs_window=W, block=8)
+    q, k = np.asarray(ctx.q, np.float64), np.asarray(ctx.k, np.float64)
+    for s in range(S):
+        n = lengths[s]
+        sc = np.einsum("tkge,nke->kgtn", q[s, :n], k[s, :n]) * 0.3
+        sc = np.where(np.tril(np.ones((n, n), bool)), sc, -np.inf)
+        p = np.exp(sc - sc.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        obs = slice(n - W, n)
+        hits = (p[:, :, obs] > 1.0 / (np.arange(n - W, n) + 1.0)[:, None]).sum((1, 2))
+        np.testing.assert_allclose(np.asarray(st.col_all)[s, :, :n], p.sum((1, 2)), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(st.col_obs)[s, :, :n], p[:, :, obs].sum((1, 2)),
+                                   atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(st.col_hits)[s, :, :n], hits)
+        assert not np.asarray(st.col_all)[s, :, n:].any()
