@@ -2,9 +2,13 @@
 
 The baseline is the model's Q4_1 GGUF dequantized to float32; every scheme requantizes those
 weights (projections, embedding / tied LM head), and "gguf" keeps the file's own Q4_1 / Q8_0
-blocks (repacked, not expanded). Prints one JSON line per scheme, then a markdown table.
+blocks (repacked, not expanded). A scheme suffixed "+act" is quantized activation-aware:
+each weight's error weighted by its input feature's mean squared activation, measured on
+`--calibrate` windows from the END of the Bible (disjoint from the evaluated text, which is
+its start). Prints one JSON line per scheme, then a markdown table.
 
-    python scripts/eval_quant.py [--windows 8] [--window-len 512] [--schemes int8,int4,...]
+    python scripts/eval_quant.py [--windows 8] [--window-len 512] [--calibrate 8]
+        [--schemes int8,int4,int4-rtn,int4+act,...]
 """
 
 from __future__ import annotations
@@ -22,19 +26,26 @@ from jaxinfer.cache import init_cache
 from jaxinfer.model.params import param_bytes
 from jaxinfer.model.transformer import Batch, forward
 from jaxinfer.quant import quantize_params
+from jaxinfer.quant.calibrate import activation_stats
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.train.data import read_bible
 from jaxinfer.weights.gguf_io import GGUFFile
 from jaxinfer.weights.loader import config_from_gguf, default_model_path, load_params
 
-SCHEMES = ("f32", "int8", "int8-g32", "int4", "int4-g128-asym", "int4-g64", "int4-g64-asym",
-           "int4-g32", "int4-g32-asym", "gguf")
+SCHEMES = ("f32", "int8", "int8-g32", "int4-rtn", "int4", "int4+act", "int4-g128-asym-rtn",
+           "int4-g128-asym", "int4-g128-asym+act", "int4-g64-rtn", "int4-g64", "int4-g64+act",
+           "int4-g64-asym-rtn", "int4-g64-asym", "int4-g64-asym+act", "int4-g32-rtn", "int4-g32",
+           "int4-g32+act", "int4-g32-asym-rtn", "int4-g32-asym", "gguf")
+ACTIVATION_AWARE = "+act"
 PAGE = 16
 
 
-def bible_windows(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
-    """`count` consecutive windows of `length` tokens from the start of the Bible text."""
-    text = " ".join(read_bible(max_documents=40))
+def bible_windows(tokenizer: Tokenizer, count: int, length: int, *, from_end: bool = False
+                  ) -> list[list[int]]:
+    """`count` consecutive windows of `length` tokens from the start of the Bible text (or
+    from its last 40 chapters)."""
+    documents = read_bible()
+    text = " ".join(documents[-40:] if from_end else documents[:40])
     ids = tokenizer.encode(text)
     if len(ids) < count * length:
         raise SystemExit(f"the text has {len(ids)} tokens, fewer than {count} x {length}")
@@ -61,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--calibrate", type=int, default=8,
+                        help="calibration windows (of --window-len tokens) for +act schemes")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     args = parser.parse_args()
 
@@ -72,6 +85,13 @@ def main() -> None:
     run = jax.jit(forward, static_argnums=1, static_argnames="all_logits")
     dense = load_params(gguf_file, cfg, progress=False)
     baseline_logits: np.ndarray | None = None
+    importance = None
+    if any(s.endswith(ACTIVATION_AWARE) for s in args.schemes.split(",")):
+        start = time.perf_counter()
+        calibration = bible_windows(tokenizer, args.calibrate, args.window_len, from_end=True)
+        importance = activation_stats(dense, cfg, calibration, page_size=PAGE)
+        print(json.dumps({"calibration_windows": args.calibrate,
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     rows = []
     for scheme in args.schemes.split(","):
         start = time.perf_counter()
@@ -79,8 +99,11 @@ def main() -> None:
             params = dense
         elif scheme == "gguf":
             params = load_params(gguf_file, cfg, quantize="gguf", progress=False)
+        elif scheme.endswith(ACTIVATION_AWARE):
+            params = quantize_params(dense, scheme[:-len(ACTIVATION_AWARE)], importance)
         else:
             params = quantize_params(dense, scheme)
+        quantize_seconds = time.perf_counter() - start
         total, count, first = 0.0, 0, None
         for tokens in windows:
             logits = window_logits(params, cfg, tokens, run)
@@ -91,7 +114,8 @@ def main() -> None:
             baseline_logits = first
         row = {"scheme": scheme, "ppl": round(math.exp(total / count), 4),
                "weights_mib": round(param_bytes(params) / 2**20, 1),
-               "tokens": count, "seconds": round(time.perf_counter() - start, 1)}
+               "tokens": count, "quantize_seconds": round(quantize_seconds, 1),
+               "seconds": round(time.perf_counter() - start, 1)}
         if baseline_logits is not None and scheme != "f32":
             row["max_logit_diff_vs_f32"] = float(np.abs(first - baseline_logits).max())
         rows.append(row)

@@ -12,6 +12,8 @@ Tensor parallelism shards query heads by KV-head group. When a model has fewer K
 the tensor degree, `replicate_kv_heads` rewrites it into the equivalent model with one
 (copied) KV head per tensor shard, so every device holds the KV head its query heads use
 (vLLM's choice): query heads and the MLP stay sharded, the KV cache holds K copies.
+Quantized weights (jaxinfer.quant) are regrouped and placed array by array (q, scale, offset
+take their weight's logical axes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
+from jaxinfer.quant.format import is_quantized
+from jaxinfer.quant.sharding import param_shardings as quantized_param_shardings
 
 MESH_AXES = ("data", "tensor", "sequence")
 # Logical axes of the KV cache [L, NP, C, K, E].
@@ -139,7 +143,8 @@ def replicate_kv_heads(params: Any, cfg: ModelConfig, tensor: int) -> tuple[Any,
         kv = jnp.broadcast_to(w[:, :, None, G:], (L, K, r, 2, E, *rest))
         return jnp.concatenate([q, kv], axis=3).reshape(L, K * r * (G // r + 2) * E, *rest)
 
-    layers = params.layers.replace(wqkv=regroup(params.layers.wqkv))
+    # A quantized wqkv (jaxinfer.quant) regroups its q, scale and offset rows alike.
+    layers = params.layers.replace(wqkv=jax.tree.map(regroup, params.layers.wqkv))
     if params.layers.bqkv is not None:
         layers = layers.replace(bqkv=regroup(params.layers.bqkv))
     return params.replace(layers=layers), cfg.replace(num_kv_heads=tensor)
@@ -154,7 +159,11 @@ def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh,
     rules = rules or ShardingRules()
     tensor = mesh.shape.get("tensor", 1)
     params, cfg = replicate_kv_heads(params, cfg, tensor)
-    shardings = rules.param_shardings(cfg, mesh)
+    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+        # Packed q / scale / offset take their weight's axes; raises if a group would split.
+        shardings = quantized_param_shardings(params, cfg, mesh, rules)
+    else:
+        shardings = rules.param_shardings(cfg, mesh)
     return jax.device_put(params, shardings), cfg
 
 

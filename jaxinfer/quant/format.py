@@ -30,6 +30,8 @@ from jaxinfer.errors import ConfigError
 GROUP_SIZES = (16, 32, 64, 128, 256)
 BITS = (4, 8)
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+# Quantizers: round to nearest, per-group clipping search (jaxinfer.quant.quantize).
+METHODS = ("rtn", "mse")
 # `quantize="gguf"`: keep a GGUF file's own quantized tensors (repacked, not expanded).
 KEEP_GGUF = "gguf"
 
@@ -95,8 +97,13 @@ def check_quantized(w: QuantizedWeight, name: str = "weight") -> None:
 # ----------------------------------------------------------------------------- schemes
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
-    """How to quantize dense weights: `bits`, `group_size`, and symmetric (no offset) or
-    asymmetric (min/max, with offset). Spelled `int8`, `int4-g64`, `int4-g128-asym`.
+    """How to quantize dense weights: `bits`, `group_size`, symmetric (no offset) or
+    asymmetric (with offset), and the `method` choosing each group's scale (and offset).
+    Spelled `int8`, `int4-g64`, `int4-g128-asym`, `int4-rtn`.
+
+    `method`: "mse" searches each group's clipping (and zero point) for the least squared
+    error of the dequantized group; "rtn" rounds to nearest on the group's full range
+    (`jaxinfer.quant.quantize`). None picks the default of `bits`: mse for 4 bits, rtn for 8.
 
     `head_bits` is the width of the embedding / LM head: 8 unless asked (`int4-head4`).
     llama.cpp's 4-bit files keep them at 8 bits too; on SmolLM2-135M a 4-bit embedding alone
@@ -107,6 +114,7 @@ class QuantScheme:
     group_size: int = 128
     symmetric: bool = True
     head_bits: int = 8
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in BITS or self.head_bits not in BITS:
@@ -115,28 +123,42 @@ class QuantScheme:
         if self.group_size not in GROUP_SIZES:
             raise ConfigError(
                 f"quantization group size {self.group_size} is not one of {GROUP_SIZES}")
+        if self.method is None:
+            object.__setattr__(self, "method", default_method(self.bits))
+        if self.method not in METHODS:
+            raise ConfigError(f"quantization method {self.method!r} is not one of {METHODS}")
 
     @property
     def name(self) -> str:
         head = f"-head{self.head_bits}" if self.head_bits != max(self.bits, 8) else ""
-        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}{head}"
+        method = f"-{self.method}" if self.method != default_method(self.bits) else ""
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits}-g{self.group_size}-{kind}{method}{head}"
 
     @property
     def head(self) -> QuantScheme:
-        """The scheme of the embedding / LM head."""
-        return dataclasses.replace(self, bits=self.head_bits)
+        """The scheme of the embedding / LM head (its bits' default method unless the head
+        has the projections' bits)."""
+        method = self.method if self.head_bits == self.bits else None
+        return dataclasses.replace(self, bits=self.head_bits, method=method)
+
+
+def default_method(bits: int) -> str:
+    """The quantizer a scheme uses unless it names one: the clipping search for 4 bits
+    (round to nearest costs SmolLM2 far more there), round to nearest for 8."""
+    return "mse" if bits == 4 else "rtn"
 
 
 _SCHEME = re.compile(r"int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?:-(?P<kind>sym|asym))?"
-                     r"(?:-head(?P<head>\d+))?")
+                     r"(?:-(?P<method>rtn|mse))?(?:-head(?P<head>\d+))?")
 
 
 def parse_scheme(scheme: str | QuantScheme) -> QuantScheme:
-    """`"int8"`, `"int4"`, `"int4-g64"`, `"int4-g128-asym"`, `"int4-head4"` ... ->
-    `QuantScheme`.
+    """`"int8"`, `"int4"`, `"int4-g64"`, `"int4-g128-asym"`, `"int4-rtn"`, `"int4-head4"` ...
+    -> `QuantScheme`.
 
-    Defaults: group 128, symmetric, embedding / LM head at 8 bits. Raises ConfigError naming
-    the accepted forms.
+    Defaults: group 128, symmetric, method mse for 4 bits / rtn for 8, embedding / LM head at
+    8 bits. Raises ConfigError naming the accepted forms.
     """
     if isinstance(scheme, QuantScheme):
         return scheme
@@ -145,14 +167,15 @@ def parse_scheme(scheme: str | QuantScheme) -> QuantScheme:
     if match is None:
         raise ConfigError(
             f"unknown quantization scheme {scheme!r}; use int8 or int4, optionally with a "
-            f"group size and kind: int4-g64, int8-g32-asym (groups {GROUP_SIZES}), -head4 "
+            f"group size and kind: int4-g64, int8-g32-asym (groups {GROUP_SIZES}), -rtn or "
+            f"-mse for the quantizer (round to nearest / clipping search), -head4 "
             f"for a 4-bit embedding / LM head, or "
             f"{KEEP_GGUF!r} to keep a GGUF file's quantized tensors")
     group = int(match["group"]) if match["group"] else 128
     bits = int(match["bits"])
     head = int(match["head"]) if match["head"] else max(bits, 8)
     return QuantScheme(bits=bits, group_size=group, symmetric=match["kind"] != "asym",
-                       head_bits=head)
+                       head_bits=head, method=match["method"])
 
 
 def scheme_label(quantize: str | QuantScheme | None) -> str | None:

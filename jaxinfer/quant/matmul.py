@@ -21,6 +21,7 @@ from jaxinfer import cpu_kernels
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.model.layers import linear
+from jaxinfer.quant.calibrate import ActivationProbe
 from jaxinfer.quant.format import QuantizedWeight, dequantize
 
 _PALLAS_FUNCTIONS = {"pallas_gpu": ("gpu", "quant_matmul_gpu"),
@@ -61,6 +62,8 @@ def quant_dense(cfg: ModelConfig, x: jax.Array, w: QuantizedWeight,
     Raises:
       ConfigError: x's width is not the weight's K.
     """
+    if isinstance(w, ActivationProbe):  # calibration (jaxinfer.quant.calibrate): dense weight
+        return w.apply(x, layer)
     K = w.shape[-1]
     if x.shape[-1] != K:
         raise ConfigError(f"input width {x.shape[-1]} does not match the quantized weight's "

@@ -29,6 +29,7 @@ from jaxinfer.weights.names import apply_rope_permutation, checkpoint_tensors, s
 from jaxinfer.weights.orbax_io import load_model_dir, save_model_dir
 from tests.model.test_forward import CONFIGS
 from tests.models import smollm2_path
+from tests.weights.gguf_writer import write_llama_gguf
 
 PAGE = 4
 _forward = jax.jit(forward, static_argnums=1, static_argnames="all_logits")
@@ -66,6 +67,30 @@ def test_quantized_forward_equals_dense_with_dequantized_weights(name, scheme):
                for f in ("wqkv", "wo", "w_gate_up", "w_down"))
     assert is_quantized(params.embed) and not is_quantized(params.layers.attn_norm)
     assert params.embed.bits == 8  # the embedding / LM head stays 8-bit unless -head4
+    tokens = _tokens(cfg)
+    np.testing.assert_allclose(_logits(params, cfg, tokens),
+                               _logits(dequantize_params(params), cfg, tokens),
+                               atol=1e-4, rtol=0)
+
+
+def test_activation_stats_and_activation_aware_quantization():
+    """`activation_stats` (probed projections) gives E[x^2] of each projection's input: layer
+    0's wqkv input is the normed embedding. The weighted quantizer runs from it."""
+    from jaxinfer.model.layers import rms_norm
+    from jaxinfer.quant.calibrate import activation_stats
+
+    cfg = CONFIGS["llama"]
+    dense = init_params(cfg, seed=3, scale=0.3)
+    windows = [_tokens(cfg, 9, seed=1), _tokens(cfg, 5, seed=2)]
+    stats = activation_stats(dense, cfg, windows, page_size=PAGE)
+    assert set(stats) == {"wqkv", "wo", "w_gate_up", "w_down"}
+    assert stats["w_down"].shape == (cfg.num_layers, cfg.intermediate_size)
+    tokens = np.concatenate(windows)
+    h = rms_norm(np.asarray(dense.embed)[tokens], dense.layers.attn_norm[0], cfg.rms_norm_eps,
+                 cfg.norm_weight_offset)
+    np.testing.assert_allclose(stats["wqkv"][0], np.square(np.asarray(h)).mean(0), rtol=1e-5)
+    params = quantize_params(dense, "int4-g16-asym", importance=stats)
+    assert params.layers.w_down.bits == 4
     tokens = _tokens(cfg)
     np.testing.assert_allclose(_logits(params, cfg, tokens),
                                _logits(dequantize_params(params), cfg, tokens),
@@ -139,36 +164,24 @@ TINY_TYPES = {"attn_q": "Q4_1", "attn_k": "Q4_0", "attn_v": "Q5_1", "attn_output
 
 def _write_tiny_gguf(path, params, cfg):
     """Our params written as a llama GGUF the way llama.cpp lays it out (q/k rows permuted)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope.theta)
-    w.add_vocab_size(cfg.vocab_size)
-    for t in checkpoint_tensors(cfg, "gguf"):
-        value = params
-        for part in t.entry.field.split("."):
-            value = getattr(value, part)
-        value = np.asarray(value if t.layer is None else value[t.layer], np.float32)
-        array = split_parts(t.entry, value, cfg)[t.part]
-        kind = t.name.split(".")[-2]
-        if kind in ("attn_q", "attn_k"):
-            heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-            array = apply_rope_permutation(array, heads)
-        qtype = TINY_TYPES.get(kind)
-        if qtype is None:
-            w.add_tensor(t.name, np.ascontiguousarray(array))
-        else:
-            kind = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(t.name, gguf.quants.quantize(array, kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def tensors():
+        for t in checkpoint_tensors(cfg, "gguf"):
+            value = params
+            for part in t.entry.field.split("."):
+                value = getattr(value, part)
+            value = np.asarray(value if t.layer is None else value[t.layer], np.float32)
+            array = split_parts(t.entry, value, cfg)[t.part]
+            kind = t.name.split(".")[-2]
+            if kind in ("attn_q", "attn_k"):
+                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+                array = apply_rope_permutation(array, heads)
+            yield t.name, array, TINY_TYPES.get(kind)
+
+    write_llama_gguf(path, num_layers=cfg.num_layers,
+                     context_length=cfg.max_position_embeddings, hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
+                     num_kv_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps,
+                     rope_theta=cfg.rope.theta, vocab_size=cfg.vocab_size, tensors=tensors())
 
 
 def test_tiny_gguf_kept_quantized_and_converted(tmp_path):
@@ -232,18 +245,24 @@ def test_gguf_mode_refuses_other_sources(tmp_path):
 
 # ----------------------------------------------------------------------------- sharding
 def test_sharded_quantized_forward_and_group_split_error():
-    from jaxinfer.parallel.sharding import make_mesh
+    """`shard_params` (what `LLM(mesh=...)` runs) on a 2 x 4 mesh: the 2 KV heads are
+    replicated to 4 inside the quantized wqkv (q, scale, offset alike), the packed arrays
+    placed by `param_shardings`; logits equal the single-device quantized model."""
+    from jaxinfer.parallel.sharding import make_mesh, shard_params
 
-    mesh = make_mesh(data=4, tensor=2)
+    mesh = make_mesh(data=2, tensor=4)
     cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                       max_position_embeddings=64)
-    params = quantize_params(init_params(cfg, seed=2, scale=0.3), "int8-g16")
-    placed = jax.device_put(params, param_shardings(params, cfg, mesh))
+    params = quantize_params(init_params(cfg, seed=2, scale=0.3), "int4-g16-asym")
+    placed, placed_cfg = shard_params(params, cfg, mesh)
+    assert placed_cfg.num_kv_heads == 4 and is_quantized(placed.layers.wqkv)
+    assert placed.layers.wqkv.shape[1] == 4 * (1 + 2) * 16  # one query head + K + V per shard
     assert placed.layers.wo.scale.sharding.spec[2] == "tensor"  # groups of the heads axis
+    assert placed.layers.wqkv.offset.sharding.spec[1] == "tensor"
     tokens = _tokens(cfg)
-    np.testing.assert_allclose(_logits(placed, cfg, tokens), _logits(params, cfg, tokens),
+    np.testing.assert_allclose(_logits(placed, placed_cfg, tokens), _logits(params, cfg, tokens),
                                atol=1e-5, rtol=0)
-    odd = quantize_params(init_params(cfg, seed=2), "int8-g32")  # wo: one group per row
+    odd = quantize_params(init_params(cfg, seed=2), "int8-g32")  # wo: two groups per row
     with pytest.raises(ConfigError, match="split a quantization group"):
         param_shardings(odd, cfg, mesh)

@@ -51,7 +51,7 @@ def _oracle(w, bits, g, symmetric):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_round_trip_error_within_half_step(bits, group, symmetric):
     w = _weights((2, 6, 256))
-    qw = quantize_array(w, QuantScheme(bits, group, symmetric))
+    qw = quantize_array(w, QuantScheme(bits, group, symmetric, method="rtn"))
     check_quantized(qw)
     assert qw.shape == w.shape and qw.group_size == group
     assert (qw.offset is None) == symmetric
@@ -75,6 +75,49 @@ def test_round_trip_error_within_half_step(bits, group, symmetric):
                                atol=1e-6, rtol=0)
 
 
+def _group_sq_error(qw, w, a=None):
+    err = np.square(dequantize_np(qw).astype(np.float64) - w)
+    err = err if a is None else err * a
+    return err.reshape(*w.shape[:-1], -1, qw.group_size).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_search_never_worse_than_round_to_nearest(bits, symmetric):
+    """The clipping search keeps round to nearest among its candidates, so every group's
+    error, weighted as the search weighs it without calibration (w^2 + the group's mean
+    w^2), is at most round to nearest's (and clearly lower overall for 4 bits)."""
+    w = _weights((2, 6, 256))
+    w[0, 0, 16:32] = 0.0  # an all-zero group (and w[..., :16] a constant one)
+    mse = quantize_array(w, QuantScheme(bits, 16, symmetric, method="mse"))
+    rtn = quantize_array(w, QuantScheme(bits, 16, symmetric, method="rtn"))
+    check_quantized(mse)
+    assert (mse.offset is None) == symmetric and mse.scale.dtype == np.float32
+    w2 = np.square(w.astype(np.float64)).reshape(2, 6, -1, 16)
+    a = (w2 + w2.mean(-1, keepdims=True)).reshape(w.shape)
+    e_mse, e_rtn = _group_sq_error(mse, w, a), _group_sq_error(rtn, w, a)
+    assert np.all(e_mse <= e_rtn * (1 + 1e-4) + 1e-9)
+    if bits == 4:
+        assert e_mse.sum() < 0.9 * e_rtn.sum()
+    got = dequantize_np(mse)
+    np.testing.assert_array_equal(got[..., :16], w[..., :16])  # constant group: exact
+    np.testing.assert_array_equal(got[0, 0, 16:32], 0.0)
+    q = unpack_int4_np(mse.q) if bits == 4 else mse.q
+    assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+
+
+def test_importance_weights_the_error():
+    """With per-feature importance the weighted error drops below the unweighted search's,
+    and round to nearest ignores the importance."""
+    w = _weights((1, 32, 128), seed=3)
+    a = np.random.default_rng(4).lognormal(0.0, 2.0, 128).astype(np.float32)
+    plain = quantize_array(w, "int4-g64-asym")
+    weighted = quantize_array(w, "int4-g64-asym", importance=a)
+    assert _group_sq_error(weighted, w, a).sum() < 0.9 * _group_sq_error(plain, w, a).sum()
+    rtn = quantize_array(w, "int4-g64-asym-rtn")
+    np.testing.assert_array_equal(quantize_array(w, "int4-g64-asym-rtn", importance=a).q, rtn.q)
+
+
 def test_int4_nibble_order():
     q = np.array([[1, -8, 7, 0]], np.int8)
     packed = pack_int4_np(q)
@@ -92,14 +135,20 @@ def test_group_size_falls_back_to_a_divisor():
 
 
 def test_schemes_parse_and_bad_ones_are_refused():
-    assert parse_scheme("int8") == QuantScheme(8, 128, True)
-    assert parse_scheme("INT4-g64-asym") == QuantScheme(4, 64, False)
-    assert scheme_label("int4-g32") == "int4-g32-sym"
+    assert parse_scheme("int8") == QuantScheme(8, 128, True, method="rtn")
+    assert parse_scheme("INT4-g64-asym") == QuantScheme(4, 64, False, method="mse")
+    assert scheme_label("int4-g32") == "int4-g32-sym"  # mse: the 4-bit default
+    assert parse_scheme("int4-g32-asym-rtn").method == "rtn"
+    assert scheme_label("int4-rtn") == "int4-g128-sym-rtn"
+    assert scheme_label("int8-mse-head8") == "int8-g128-sym-mse"
+    assert parse_scheme("int4").head.method == "rtn"  # 8-bit head: its own default
+    assert parse_scheme("int4-head4").head.method == "mse"
     assert scheme_label("gguf") == "gguf" and scheme_label(None) is None
     assert parse_scheme("int4").head == QuantScheme(8, 128, True)  # 8-bit embedding / head
     assert parse_scheme("int4-g32-asym-head4").head_bits == 4
     for bad, hint in [("fp8", "unknown quantization scheme"), ("int4-g64-foo", "int4-g64"),
-                      ("int3", "bits=3"), ("int4-g100", "group size 100")]:
+                      ("int3", "bits=3"), ("int4-g100", "group size 100"),
+                      ("int4-gptq", "int4-g64")]:
         with pytest.raises(ConfigError, match=hint):
             parse_scheme(bad)
 

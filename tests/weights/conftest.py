@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from jaxinfer.weights.names import apply_rope_permutation
+from tests.weights.gguf_writer import write_llama_gguf
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -29,19 +30,7 @@ def tiny_hf_model(tmp_path_factory):
 
 def write_tiny_gguf(path, model, *, nan_in=None) -> None:
     """Write `model` as a llama GGUF (F32), permuting q/k rows the way llama.cpp does."""
-    import gguf
-
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
              "output_norm.weight", "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
@@ -49,26 +38,30 @@ def write_tiny_gguf(path, model, *, nan_in=None) -> None:
                  "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down"}
-    for name, tensor in model.state_dict().items():
-        array = tensor.numpy().astype(np.float32)
-        if name in names:
-            out = names[name]
-        else:
-            _, _, i, *rest = name.split(".")
-            key = ".".join(rest[:-1])
-            out = f"blk.{i}.{per_layer[key]}.weight"
-            if key == "self_attn.q_proj":
-                array = apply_rope_permutation(array, c.num_attention_heads)
-            if key == "self_attn.k_proj":
-                array = apply_rope_permutation(array, c.num_key_value_heads)
-        if out == nan_in:
-            array = array.copy()
-            array.flat[3] = np.nan
-        w.add_tensor(out, np.ascontiguousarray(array))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def tensors():
+        for name, tensor in model.state_dict().items():
+            array = tensor.numpy().astype(np.float32)
+            if name in names:
+                out = names[name]
+            else:
+                _, _, i, *rest = name.split(".")
+                key = ".".join(rest[:-1])
+                out = f"blk.{i}.{per_layer[key]}.weight"
+                if key == "self_attn.q_proj":
+                    array = apply_rope_permutation(array, c.num_attention_heads)
+                if key == "self_attn.k_proj":
+                    array = apply_rope_permutation(array, c.num_key_value_heads)
+            if out == nan_in:
+                array = array.copy()
+                array.flat[3] = np.nan
+            yield out, array, None
+
+    write_llama_gguf(path, num_layers=c.num_hidden_layers,
+                     context_length=c.max_position_embeddings, hidden_size=c.hidden_size,
+                     intermediate_size=c.intermediate_size, num_heads=c.num_attention_heads,
+                     num_kv_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps,
+                     rope_theta=TINY["rope_theta"], vocab_size=c.vocab_size, tensors=tensors())
 
 
 @pytest.fixture(scope="session")
