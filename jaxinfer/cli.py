@@ -123,7 +123,7 @@ def _add_eval_kv_subparser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--parts", default="text,passkey,agreement",
                     help="which measurements (default text,passkey,agreement)")
     ev.add_argument("--context", type=int, default=4096, help="text window (default 4096)")
-    ev.add_argument("--text-windows", type=int, default=None, help="Bible windows (default 2)")
+    ev.add_argument("--text-windows", type=int, default=None, help="Bible windows (default 1)")
     ev.add_argument("--passkey-contexts", default=None,
                     help="passkey prompt lengths (default 1024,2048,4096)")
     ev.add_argument("--agreement-prompts", type=int, default=None,

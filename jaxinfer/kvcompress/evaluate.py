@@ -41,7 +41,7 @@ class EvalKVConfig:
     budgets: tuple[float, ...] = (0.5, 0.25, 0.125)
     extra: tuple[tuple[str, float], ...] = (("tokenselect", 0.1),)
     context: int = 4096
-    text_windows: int = 2
+    text_windows: int = 1
     text_decode: int = 128
     passkey_contexts: tuple[int, ...] = (1024, 2048, 4096)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
