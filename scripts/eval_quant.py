@@ -5,10 +5,14 @@ weights (projections, embedding / tied LM head), and "gguf" keeps the file's own
 blocks (repacked, not expanded). A scheme suffixed "+act" is quantized activation-aware:
 each weight's error weighted by its input feature's mean squared activation, measured on
 `--calibrate` windows from the END of the Bible (disjoint from the evaluated text, which is
-its start). Prints one JSON line per scheme, then a markdown table.
+its start). A scheme suffixed "+gptq" is quantized by GPTQ (`jaxinfer.quant.gptq`) from the
+input Gram matrices E[x x^T] of each projection on the same calibration windows, the
+scheme's method (mse / rtn) choosing each group's grid. Prints one JSON line per scheme, then
+a markdown table.
 
     python scripts/eval_quant.py [--windows 8] [--window-len 512] [--calibrate 8]
-        [--schemes int8,int4,int4-rtn,int4+act,...]
+        [--schemes int8,int4,int4-rtn,int4+act,int4-g128-asym+gptq,...]
+        [--calibration-cache grams.npz]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from jaxinfer.cache import init_cache
 from jaxinfer.model.params import param_bytes
 from jaxinfer.model.transformer import Batch, forward
 from jaxinfer.quant import quantize_params
-from jaxinfer.quant.calibrate import activation_stats
+from jaxinfer.quant.calibrate import activation_grams, activation_stats
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.train.data import read_bible
 from jaxinfer.weights.gguf_io import GGUFFile
@@ -35,8 +39,10 @@ from jaxinfer.weights.loader import config_from_gguf, default_model_path, load_p
 SCHEMES = ("f32", "int8", "int8-g32", "int4-rtn", "int4", "int4+act", "int4-g128-asym-rtn",
            "int4-g128-asym", "int4-g128-asym+act", "int4-g64-rtn", "int4-g64", "int4-g64+act",
            "int4-g64-asym-rtn", "int4-g64-asym", "int4-g64-asym+act", "int4-g32-rtn", "int4-g32",
-           "int4-g32+act", "int4-g32-asym-rtn", "int4-g32-asym", "gguf")
+           "int4-g32+act", "int4-g32-asym-rtn", "int4-g32-asym", "int4+gptq",
+           "int4-g128-asym+gptq", "int4-g64-asym+gptq", "gguf")
 ACTIVATION_AWARE = "+act"
+GPTQ = "+gptq"
 PAGE = 16
 
 
@@ -68,13 +74,29 @@ def nll_sum(logits: np.ndarray, tokens: list[int]) -> float:
     return float(-logp[np.arange(len(tokens) - 1), tokens[1:]].sum())
 
 
+def load_grams(path: str | None, count: int, length: int) -> dict[str, np.ndarray] | None:
+    """The Gram matrices cached at `path` by an earlier run with the same calibration
+    windows, else None."""
+    try:
+        with np.load(path) as data:
+            if data["_windows"].tolist() != [count, length]:
+                return None
+            return {k: data[k] for k in data.files if k != "_windows"}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--calibrate", type=int, default=8,
-                        help="calibration windows (of --window-len tokens) for +act schemes")
+                        help="calibration windows (of --window-len tokens) for +act and "
+                             "+gptq schemes")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--calibration-cache", default=None,
+                        help="an .npz holding the +gptq Gram matrices: loaded when it was made "
+                             "with the same --calibrate / --window-len, else written")
     args = parser.parse_args()
 
     path = default_model_path()
@@ -85,15 +107,27 @@ def main() -> None:
     run = jax.jit(forward, static_argnums=1, static_argnames="all_logits")
     dense = load_params(gguf_file, cfg, progress=False)
     baseline_logits: np.ndarray | None = None
-    importance = None
-    if any(s.endswith(ACTIVATION_AWARE) for s in args.schemes.split(",")):
+    importance = grams = None
+    schemes = args.schemes.split(",")
+    if any(s.endswith((ACTIVATION_AWARE, GPTQ)) for s in schemes):
         start = time.perf_counter()
         calibration = bible_windows(tokenizer, args.calibrate, args.window_len, from_end=True)
-        importance = activation_stats(dense, cfg, calibration, page_size=PAGE)
-        print(json.dumps({"calibration_windows": args.calibrate,
+        if any(s.endswith(GPTQ) for s in schemes):
+            grams = load_grams(args.calibration_cache, args.calibrate, args.window_len)
+            if grams is None:
+                grams = activation_grams(dense, cfg, calibration, page_size=PAGE)
+                if args.calibration_cache:
+                    np.savez(args.calibration_cache, **grams,
+                             _windows=np.array([args.calibrate, args.window_len]))
+            # E[x_k^2] is the Gram matrices' diagonal.
+            importance = {k: np.diagonal(v, axis1=-2, axis2=-1).copy()
+                          for k, v in grams.items()}
+        else:
+            importance = activation_stats(dense, cfg, calibration, page_size=PAGE)
+        print(json.dumps({"calibration_windows": args.calibrate, "grams": grams is not None,
                           "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     rows = []
-    for scheme in args.schemes.split(","):
+    for scheme in schemes:
         start = time.perf_counter()
         if scheme == "f32":
             params = dense
@@ -101,6 +135,8 @@ def main() -> None:
             params = load_params(gguf_file, cfg, quantize="gguf", progress=False)
         elif scheme.endswith(ACTIVATION_AWARE):
             params = quantize_params(dense, scheme[:-len(ACTIVATION_AWARE)], importance)
+        elif scheme.endswith(GPTQ):
+            params = quantize_params(dense, scheme[:-len(GPTQ)], grams=grams)
         else:
             params = quantize_params(dense, scheme)
         quantize_seconds = time.perf_counter() - start

@@ -5,6 +5,9 @@ projection field, the mean squared input of every input feature and layer, E[x_k
 `quantize_params(..., importance=stats)` then weighs each weight's squared quantization
 error by its input feature's E[x_k^2] (the diagonal of the layer's input second moment, so
 the error minimised approximates the layer's output error rather than the weight error).
+`activation_grams` returns the whole second moment, E[x x^T] [L, K, K], for GPTQ
+(`jaxinfer.quant.gptq`, `quantize_params(..., grams=...)`); its diagonal is
+`activation_stats`.
 
 The model code is not changed for this: each projection weight is wrapped in an
 `ActivationProbe`, which `dense` dispatches to `quant_dense` like a quantized weight; the
@@ -34,10 +37,12 @@ PROBED_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
 class _Sink:
-    """Host accumulator of sum(x^2) per (field, layer); hashed by identity (a static field)."""
+    """Host accumulator of sum(x^2) (or, with `grams`, sum(x x^T)) per (field, layer);
+    hashed by identity (a static field)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grams: bool = False) -> None:
         self.rows = 0  # how many leading rows of each batch are real tokens (not padding)
+        self.grams = grams
         self.sums: dict[str, dict[int, np.ndarray]] = {}
         self.counts: dict[str, dict[int, int]] = {}
 
@@ -45,7 +50,7 @@ class _Sink:
         x = np.asarray(x, np.float64)[:self.rows]
         index = int(layer)
         sums = self.sums.setdefault(name, {})
-        sums[index] = sums.get(index, 0.0) + np.square(x).sum(0)
+        sums[index] = sums.get(index, 0.0) + (x.T @ x if self.grams else np.square(x).sum(0))
         counts = self.counts.setdefault(name, {})
         counts[index] = counts.get(index, 0) + x.shape[0]
 
@@ -72,13 +77,31 @@ def activation_stats(params: Params, cfg: ModelConfig, windows: Sequence[Sequenc
     Raises:
       ConfigError: a projection of `params` is already quantized, or no windows are given.
     """
+    return _calibrate(params, cfg, windows, page_size, grams=False)
+
+
+def activation_grams(params: Params, cfg: ModelConfig, windows: Sequence[Sequence[int]],
+                     page_size: int = 16) -> dict[str, np.ndarray]:
+    """{field: E[x x^T] float32 [L, K, K]} of each projection's input over the tokens of
+    `windows` (each one prefilled alone, from position 0), from the dense `params`: the
+    Hessian of the layer's squared output error that GPTQ needs (up to a factor 2).
+    Accumulated in float64 per layer; SmolLM2-135M's four fields take ~0.4 GB as float32.
+
+    Raises:
+      ConfigError: a projection of `params` is already quantized, or no windows are given.
+    """
+    return _calibrate(params, cfg, windows, page_size, grams=True)
+
+
+def _calibrate(params: Params, cfg: ModelConfig, windows: Sequence[Sequence[int]],
+               page_size: int, *, grams: bool) -> dict[str, np.ndarray]:
     from jaxinfer.batch import SequenceChunk, build_step_batch
     from jaxinfer.cache import init_cache
     from jaxinfer.model.transformer import Batch, forward
 
     if not windows:
-        raise ConfigError("activation_stats needs at least one calibration window")
-    sink = _Sink()
+        raise ConfigError("calibration needs at least one token window")
+    sink = _Sink(grams=grams)
     probes = {}
     for name in PROBED_FIELDS:
         value = getattr(params.layers, name)
@@ -100,6 +123,6 @@ def activation_stats(params: Params, cfg: ModelConfig, windows: Sequence[Sequenc
     out = {}
     for name in PROBED_FIELDS:
         sums, counts = sink.sums[name], sink.counts[name]
-        out[name] = np.stack([sums[i] / counts[i] for i in range(cfg.num_layers)]
-                             ).astype(np.float32)
+        out[name] = np.stack([(sums[i] / counts[i]).astype(np.float32)
+                              for i in range(cfg.num_layers)])
     return out

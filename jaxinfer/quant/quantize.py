@@ -8,6 +8,9 @@ Two methods (`QuantScheme.method`):
   formula q * scale + offset holds for both.
 - "mse" (the default for 4 bits): a per-group clipping search for the least squared error of
   the dequantized group, optionally weighted per input feature (`_search`, run by XLA).
+Either method can run under GPTQ's error feedback (`jaxinfer.quant.gptq`): `quantize_params(
+..., grams=activation_grams(...))` quantizes the projections column by column, choosing each
+group's grid with the scheme's method.
 
 Dimension legend: L layers, N output features, K input features, G groups per row.
 """
@@ -244,22 +247,38 @@ def importance_weights(stats: Any) -> np.ndarray:
 
 
 def quantize_params(params: Params, scheme: str | QuantScheme,
-                    importance: dict[str, Any] | None = None) -> Params:
+                    importance: dict[str, Any] | None = None,
+                    grams: dict[str, Any] | None = None) -> Params:
     """Quantize the projection weights, the embedding and the LM head of `params` (the
     latter two with `scheme.head`: 8 bits unless the scheme says `-head4`).
 
     `importance`: optional {field: E[x_k^2] [L, K]} of the projections' inputs
     (`jaxinfer.quant.calibrate.activation_stats`); the "mse" method then weighs each
-    weight's error by its input feature's share (activation-aware). Leaves already quantized
-    are kept as they are; norms and biases stay dense.
+    weight's error by its input feature's share (activation-aware). `grams`: optional
+    {field: E[x x^T] [L, K, K]} (`calibrate.activation_grams`); the fields it names are
+    quantized by GPTQ (`jaxinfer.quant.gptq.gptq_quantize`, the scheme's method choosing each
+    group's grid, weighted by diag H; `importance` is then not used for them). Leaves already
+    quantized are kept as they are; norms and biases stay dense.
     """
+    from jaxinfer.quant.gptq import gptq_quantize
+
     scheme = parse_scheme(scheme)
     importance = importance or {}
+    grams = grams or {}
+    unknown = set(grams) - set(QUANTIZED_LAYER_FIELDS)
+    if unknown:
+        raise ConfigError(f"grams for {sorted(unknown)}: GPTQ quantizes only the layer "
+                          f"projections {QUANTIZED_LAYER_FIELDS}")
     layers = params.layers
     updates = {}
     for name in QUANTIZED_LAYER_FIELDS:
         value = getattr(layers, name)
-        if not is_quantized(value):
+        if is_quantized(value):
+            continue
+        if name in grams:
+            updates[name] = _to_device(gptq_quantize(np.asarray(jax.device_get(value)),
+                                                     grams[name], scheme))
+        else:
             stats = importance.get(name)
             weights = None if stats is None else importance_weights(stats)
             updates[name] = _quantize_stacked(value, scheme, weights)
