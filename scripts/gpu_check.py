@@ -15,6 +15,14 @@ Parts (one JSON object per result line, to stdout and to --out):
   quant_matmul     W4A16 / W8A16 Pallas matmul (group 128) vs a bf16 dense matmul at
                    Llama-3-8B projection shapes (4096x4096, 14336x4096), batch 1/4/16/64:
                    time, GB/s, speedup_vs_bf16; max abs error vs the reference at one shape
+  quant_sweep      W4A16 launch settings (block_n, block_k, split, warps, stages) at batch
+                   1 and 16 on the same shapes, each against bf16: the data for tuning.py
+  quant_probe      where the W4A16 time goes: explicit K splits (more programs in flight),
+                   the "halves" nibble layout (no interleaving shuffle), int8 weights, and
+                   XLA's own int4 path (jnp.int4 weights, dequantize-then-dot left to XLA's
+                   fusion), each against bf16 on the same shapes
+
+Parts run in the order --parts lists them (peaks always first).
 
 `--smoke` shrinks every shape so the whole script runs on CPU in interpret mode (CI runs it
 that way to keep the script working); its numbers mean nothing.
@@ -41,7 +49,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-PARTS = ("peaks", "decode_attention", "prefill_attention", "e2e_decode", "quant_matmul")
+PARTS = ("peaks", "decode_attention", "prefill_attention", "e2e_decode", "quant_matmul",
+         "quant_sweep", "quant_probe")
 
 
 class Recorder:
@@ -178,10 +187,11 @@ def prefill_attention(rec: Recorder, peaks: dict[str, float], smoke: bool,
         systems: dict[str, Callable[..., jax.Array]] = {
             "pallas": jax.jit(functools.partial(flash_attention_gpu, sm_scale=scale,
                                                 causal=True, interpret=interpret)),
-            "xla": jax.jit(lambda q, k, v, pos=pos, starts=starts, scale=scale:
-                           causal_prefill_attention_reference(q, k, v, pos, starts,
-                                                              sm_scale=scale)),
         }
+        if T <= 4096:  # the reference materialises T x T x H scores (32 GB at 16k)
+            systems["xla"] = jax.jit(lambda q, k, v, pos=pos, starts=starts, scale=scale:
+                                     causal_prefill_attention_reference(q, k, v, pos, starts,
+                                                                        sm_scale=scale))
         if not interpret:
             systems["cudnn"] = jax.jit(functools.partial(_cudnn_attention, groups=H // K,
                                                          scale=scale))
@@ -287,8 +297,13 @@ def guarded_hf(rec: Recorder, cfg, ctx: int, batches: tuple[int, ...],
                          max_position_embeddings=cfg.max_position_embeddings,
                          rope_theta=cfg.rope.theta, tie_word_embeddings=False)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device(dev):
-        model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: no 32 GB float32 copy
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     new = 4 if smoke else 33
     for B in batches:
         guarded(rec, dict(part="e2e_decode", system="hf-transformers", batch=B, context=ctx,
@@ -368,6 +383,137 @@ def quant_matmul(rec: Recorder, peaks: dict[str, float], smoke: bool, interpret:
         gc.collect()
 
 
+# (block_n, block_k, split_k or None for the tuning rule, num_warps, num_stages)
+SWEEP_CONFIGS = ((32, 256, None, 4, 4), (64, 256, None, 4, 4), (16, 256, None, 4, 4),
+                 (32, 512, None, 4, 3), (64, 128, None, 4, 4), (32, 256, 1, 4, 4),
+                 (128, 256, None, 4, 3), (32, 256, None, 2, 4), (32, 1024, None, 4, 2),
+                 (64, 512, None, 8, 3))
+
+
+def quant_sweep(rec: Recorder, peaks: dict[str, float], smoke: bool, interpret: bool) -> None:
+    """W4A16 launch settings at decode batches, each timed against bf16 on the same weights."""
+    from pallas_kernels.quant_matmul import quant_matmul_gpu
+
+    shapes = ((64, 256),) if smoke else ((4096, 4096), (14336, 4096))
+    batches = (1,) if smoke else (1, 16)
+    configs = ((16, 64, None, 4, 2),) if smoke else SWEEP_CONFIGS
+    g = 32 if smoke else 128
+    for N, K in shapes:
+        layers = 1 if smoke else max(4, min(32, -(-400_000_000 // (N * K // 2))))
+        keys = iter(jax.random.split(jax.random.key(N * 7 + K), 2 * layers + 8))
+        dense = [jax.random.normal(next(keys), (N, K), jnp.bfloat16) * 0.02
+                 for _ in range(layers)]
+        weights = _random_quantized(keys, layers, N, K, 4, g)
+        bf16 = jax.jit(lambda x, ws: [x @ w.T for w in ws])
+        for T in batches:
+            x = jax.random.normal(next(keys), (T, K), jnp.bfloat16)
+            io_bytes = T * K * 2 + T * N * 2
+            times: dict[str, float] = {}
+            guarded(rec, dict(part="quant_sweep", system="bf16", N=N, K=K, batch=T,
+                              layers=layers),
+                    functools.partial(_time_quant, bf16, (x, dense), layers,
+                                      N * K * 2 + io_bytes, peaks["copy_gbs"], times, "bf16",
+                                      smoke))
+            nbytes = N * K // 2 + N * (K // g) * 2 + io_bytes
+            for bn, bk, sk, warps, stages in configs:
+                if N % bn or K % bk:
+                    continue
+                run = jax.jit(functools.partial(
+                    _quant_layers, quant_matmul_gpu, bits=4, group_size=g,
+                    interpret=interpret, block_n=bn, block_k=bk, split_k=sk,
+                    num_warps=warps, num_stages=stages))
+                guarded(rec, dict(part="quant_sweep", system="w4a16", N=N, K=K, batch=T,
+                                  group_size=g, layers=layers, block_n=bn, block_k=bk,
+                                  split_k=sk, num_warps=warps, num_stages=stages),
+                        functools.partial(_time_quant, run, (x, weights), layers, nbytes,
+                                          peaks["copy_gbs"], times, f"w4-{bn}-{bk}-{sk}-"
+                                          f"{warps}-{stages}", smoke))
+        del dense, weights
+        gc.collect()
+
+
+# (block_n, block_k, split_k, num_warps, num_stages, nibbles)
+PROBE_CONFIGS = ((32, 256, None, 4, 4, "interleaved"), (32, 256, 4, 4, 4, "interleaved"),
+                 (32, 256, 8, 4, 4, "interleaved"), (32, 256, 16, 4, 4, "interleaved"),
+                 (64, 256, 8, 4, 4, "interleaved"), (64, 512, 4, 4, 3, "interleaved"),
+                 (32, 256, 8, 2, 4, "interleaved"), (16, 256, 16, 2, 4, "interleaved"),
+                 (32, 256, None, 4, 4, "halves"), (32, 256, 1, 4, 4, "halves"),
+                 (32, 256, 8, 4, 4, "halves"), (64, 256, 8, 4, 4, "halves"))
+
+
+def quant_probe(rec: Recorder, peaks: dict[str, float], smoke: bool, interpret: bool) -> None:
+    """Variants of the W4A16 matmul at decode batches, each against bf16 on the same shapes."""
+    from pallas_kernels.quant_matmul import quant_matmul_gpu, to_halves_layout
+
+    shapes = ((64, 256),) if smoke else ((4096, 4096), (14336, 4096))
+    batches = (1,) if smoke else (1, 16)
+    configs = ((16, 64, None, 4, 2, "interleaved"), (16, 64, 2, 4, 2, "halves")) if smoke \
+        else PROBE_CONFIGS
+    g = 32 if smoke else 128
+    for N, K in shapes:
+        layers = 1 if smoke else max(4, min(32, -(-400_000_000 // (N * K // 2))))
+        keys = iter(jax.random.split(jax.random.key(N * 3 + K), 4 * layers + 8))
+        dense = [jax.random.normal(next(keys), (N, K), jnp.bfloat16) * 0.02
+                 for _ in range(layers)]
+        q4, scale = _random_quantized(keys, layers, N, K, 4, g)
+        layouts = {"interleaved": q4, "halves": to_halves_layout(q4, g)}
+        q8 = _random_quantized(keys, layers, N, K, 8, g)
+        int4 = [(jax.random.randint(next(keys), (N, K), -8, 8, jnp.int8).astype(jnp.int4),
+                 scale[i]) for i in range(layers)]
+        bf16 = jax.jit(lambda x, ws: [x @ w.T for w in ws])
+        xla_int4 = jax.jit(functools.partial(_xla_int4_layers, group_size=g))
+        for T in batches:
+            x = jax.random.normal(next(keys), (T, K), jnp.bfloat16)
+            io_bytes = T * K * 2 + T * N * 2
+            times: dict[str, float] = {}
+            guarded(rec, dict(part="quant_probe", system="bf16", N=N, K=K, batch=T,
+                              layers=layers),
+                    functools.partial(_time_quant, bf16, (x, dense), layers,
+                                      N * K * 2 + io_bytes, peaks["copy_gbs"], times, "bf16",
+                                      smoke))
+            nbytes4 = N * K // 2 + N * (K // g) * 2 + io_bytes
+            guarded(rec, dict(part="quant_probe", system="xla-int4", N=N, K=K, batch=T,
+                              group_size=g, layers=layers),
+                    functools.partial(_time_quant, xla_int4, (x, int4), layers, nbytes4,
+                                      peaks["copy_gbs"], times, "xla-int4", smoke))
+            for bn, bk, sk, warps, stages, nibbles in configs:
+                run = jax.jit(functools.partial(
+                    _quant_layers, quant_matmul_gpu, bits=4, group_size=g,
+                    interpret=interpret, block_n=bn, block_k=bk, split_k=sk,
+                    num_warps=warps, num_stages=stages, nibbles=nibbles))
+                guarded(rec, dict(part="quant_probe", system="w4a16", N=N, K=K, batch=T,
+                                  group_size=g, layers=layers, block_n=bn, block_k=bk,
+                                  split_k=sk, num_warps=warps, num_stages=stages,
+                                  nibbles=nibbles),
+                        functools.partial(_time_quant, run, (x, (layouts[nibbles], scale)),
+                                          layers, nbytes4, peaks["copy_gbs"], times,
+                                          f"w4-{bn}-{bk}-{sk}-{warps}-{stages}-{nibbles}",
+                                          smoke))
+            for sk in (None, 2 if smoke else 8):
+                run = jax.jit(functools.partial(
+                    _quant_layers, quant_matmul_gpu, bits=8, group_size=g,
+                    interpret=interpret, split_k=sk))
+                guarded(rec, dict(part="quant_probe", system="w8a16", N=N, K=K, batch=T,
+                                  group_size=g, layers=layers, split_k=sk),
+                        functools.partial(_time_quant, run, (x, q8), layers,
+                                          N * K + N * (K // g) * 2 + io_bytes,
+                                          peaks["copy_gbs"], times, f"w8-{sk}", smoke))
+        del dense, q4, scale, layouts, q8, int4
+        gc.collect()
+
+
+def _xla_int4_layers(x: jax.Array, weights: list[tuple[jax.Array, jax.Array]], *,
+                     group_size: int) -> list[jax.Array]:
+    """x @ dequantize(W).T written for XLA: jnp.int4 weights scaled per group, then a dot."""
+    out = []
+    for q, scale in weights:
+        N, K = q.shape
+        w = (q.astype(x.dtype).reshape(N, K // group_size, group_size)
+             * scale.astype(x.dtype)[:, :, None]).reshape(N, K)
+        out.append(x @ w.T)
+    return out
+
+
 def _random_quantized(keys, layers: int, N: int, K: int, bits: int,
                       g: int) -> tuple[jax.Array, jax.Array]:
     """Random stacked weights [L, N, K'] in the kernel's format (symmetric, bf16 scales)."""
@@ -442,6 +588,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         worst = min(r["speedup_vs_bf16"] for r in quant)
         lines.append(f"W4A16 >= 3x bf16 at batch <= 16: {'meets' if worst >= 3.0 else 'misses'} "
                      f"(worst {worst}x)")
+    sweep: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("part") in ("quant_sweep", "quant_probe") and "speedup_vs_bf16" in r:
+            sweep.setdefault((r["part"], r["N"], r["K"], r["batch"]), []).append(r)
+    for (part, N, K, T), rs in sorted(sweep.items(), key=str):
+        best = max(rs, key=lambda r: r["speedup_vs_bf16"])
+        setting = " ".join(f"{k}={best[k]}" for k in ("system", "block_n", "block_k", "split_k",
+                                                       "num_warps", "num_stages", "nibbles")
+                           if k in best)
+        lines.append(f"{part} {N}x{K} batch {T}: best {best['speedup_vs_bf16']}x bf16 with "
+                     f"{setting}")
     by_shape: dict[tuple, dict[str, float]] = {}
     for r in rows:
         t = r.get("time_us") or r.get("time_ms") or r.get("step_ms")
@@ -480,14 +637,19 @@ def main(argv: list[str] | None = None) -> int:
     rec(part="meta", jax=jax.__version__, backend=backend, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     t0 = time.time()
     peaks = measure_peaks(rec, args.smoke)
-    if "decode_attention" in parts:
-        decode_attention(rec, peaks, args.smoke, interpret)
-    if "prefill_attention" in parts:
-        prefill_attention(rec, peaks, args.smoke, interpret)
-    if "e2e_decode" in parts:
-        e2e_decode(rec, peaks, args.smoke, with_hf=not args.no_hf)
-    if "quant_matmul" in parts:
-        quant_matmul(rec, peaks, args.smoke, interpret)
+    runners: dict[str, Callable[[], None]] = {
+        "peaks": lambda: None,
+        "decode_attention": lambda: decode_attention(rec, peaks, args.smoke, interpret),
+        "prefill_attention": lambda: prefill_attention(rec, peaks, args.smoke, interpret),
+        "e2e_decode": lambda: e2e_decode(rec, peaks, args.smoke, with_hf=not args.no_hf),
+        "quant_matmul": lambda: quant_matmul(rec, peaks, args.smoke, interpret),
+        "quant_sweep": lambda: quant_sweep(rec, peaks, args.smoke, interpret),
+        "quant_probe": lambda: quant_probe(rec, peaks, args.smoke, interpret),
+    }
+    for part in parts:
+        t_part = time.time()
+        runners[part]()
+        rec(part="timing", of=part, wall_s=round(time.time() - t_part, 1))
     summary = summarize(rec.rows)
     rec(part="summary", wall_s=round(time.time() - t0, 1), bars=summary)
     print("\n".join(summary), file=sys.stderr)

@@ -61,10 +61,27 @@ def integer_values(packed: jax.Array, bits: int) -> jax.Array:
     return lax.bitcast_convert_type(ints + _MAGIC_BITS, jnp.float32) - (_MAGIC_VALUE + bias)
 
 
+def to_halves_layout(q: jax.Array, group_size: int) -> jax.Array:
+    """Rearrange packed int4 [..., N, K // 2] (low nibble = even column) offline so that in each
+    group the low nibbles hold its first g / 2 columns and the high nibbles the last g / 2.
+
+    The kernel (`nibbles="halves"`) then splits a loaded tile with one mask and one shift and
+    runs two dots of K = g / 2, with no register shuffle to interleave the nibbles back.
+    """
+    if jnp.dtype(q.dtype) != jnp.uint8:
+        raise ValueError(f"packed int4 weights are uint8, got {q.dtype}")
+    *lead, n, half = q.shape
+    if (2 * half) % group_size or group_size % 2:
+        raise ValueError(f"group_size={group_size} must be even and divide K={2 * half}")
+    values = jnp.stack([q & 0xF, q >> 4], axis=-1).reshape(*lead, n, -1, group_size)
+    lo, hi = values[..., : group_size // 2], values[..., group_size // 2:]
+    return (lo | (hi << 4)).astype(jnp.uint8).reshape(*lead, n, half)
+
+
 def _kernel(layer_ref, x_ref, q_ref, scale_ref, *refs, bits: int, group_size: int,
             num_tokens: int, block_t: int, block_n: int, groups_per_step: int,
             steps_per_split: int, has_offset: bool, compute_dtype: jnp.dtype,
-            precision: lax.Precision) -> None:
+            precision: lax.Precision, halves: bool) -> None:
     # Whole-array refs: layer [1]; x [Tp, K]; q [L, N, K']; scale, offset [L, N, K // g];
     # x_sums [Tp, K // g]; out [splits, Tp, N].
     if has_offset:
@@ -79,6 +96,8 @@ def _kernel(layer_ref, x_ref, q_ref, scale_ref, *refs, bits: int, group_size: in
     # x is padded to whole blocks; masking its padding rows spares their loads (a decode
     # block is 1 real row of 16) in every program.
     real = t * block_t + lax.broadcasted_iota(jnp.int32, (block_t, group_size), 0) < num_tokens
+    real_half = (t * block_t + lax.broadcasted_iota(jnp.int32, (block_t, group_size // 2), 0)
+                 < num_tokens)
 
     def step(i, acc):  # acc [block_t, block_n] float32
         for j in range(groups_per_step):
@@ -87,10 +106,22 @@ def _kernel(layer_ref, x_ref, q_ref, scale_ref, *refs, bits: int, group_size: in
             packed = pltriton.load(
                 q_ref.at[layer, features, pl.ds(group * packed_group, packed_group)],
                 eviction_policy="evict_first")
-            w = integer_values(packed, bits).astype(compute_dtype)  # [block_n, g], exact
-            x = pltriton.load(x_ref.at[tokens, pl.ds(group * group_size, group_size)],
-                              mask=real, other=0.0)  # [block_t, g]
-            dot = jnp.dot(x, w.T, precision=precision, preferred_element_type=jnp.float32)
+            if halves:  # low nibbles: the group's first g / 2 columns; high: the rest
+                half = group_size // 2
+                dot = jnp.zeros((block_t, block_n), jnp.float32)
+                for h, nib in enumerate((packed & 0xF, packed >> 4)):
+                    w = (lax.bitcast_convert_type(nib.astype(jnp.int32) + _MAGIC_BITS,
+                                                  jnp.float32) - (_MAGIC_VALUE + 8.0))
+                    x = pltriton.load(
+                        x_ref.at[tokens, pl.ds(group * group_size + h * half, half)],
+                        mask=real_half, other=0.0)  # [block_t, g / 2]
+                    dot = dot + jnp.dot(x, w.astype(compute_dtype).T, precision=precision,
+                                        preferred_element_type=jnp.float32)
+            else:
+                w = integer_values(packed, bits).astype(compute_dtype)  # [block_n, g], exact
+                x = pltriton.load(x_ref.at[tokens, pl.ds(group * group_size, group_size)],
+                                  mask=real, other=0.0)  # [block_t, g]
+                dot = jnp.dot(x, w.T, precision=precision, preferred_element_type=jnp.float32)
             scale = scale_ref[layer, features, group].astype(jnp.float32)  # [block_n]
             acc = acc + dot * scale[None, :]
             if has_offset:
@@ -144,6 +175,7 @@ def quant_matmul_gpu(
     split_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    nibbles: str = "interleaved",
 ) -> jax.Array:
     """x @ W.T for a group-quantized W (Triton kernel); contract as `quant_matmul_reference`.
 
@@ -162,11 +194,18 @@ def quant_matmul_gpu(
         compiled). split_k: programs sharing one output block's K range (divides the number
         of K steps). Defaults come from `tuning.gpu_tuning`.
       num_warps, num_stages: Triton launch settings.
+      nibbles: int4 packing, "interleaved" (the format's: low nibble = even column) or
+        "halves" (rearranged offline by `to_halves_layout`).
 
     Returns:
       [T, N] in out_dtype.
     """
     N, K, _ = check_matmul(x, q, scale, offset, bits=bits, group_size=group_size, layer=layer)
+    if nibbles not in ("interleaved", "halves"):
+        raise ValueError(f"nibbles={nibbles!r}: use 'interleaved' or 'halves'")
+    halves = bits == 4 and nibbles == "halves"
+    if halves and not interpret and group_size // 2 < _MIN_DOT:
+        raise ValueError(f"nibbles='halves' needs group_size >= {2 * _MIN_DOT} compiled")
     T = x.shape[0]
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if T == 0:
@@ -208,7 +247,8 @@ def quant_matmul_gpu(
     kernel = functools.partial(
         _kernel, bits=bits, group_size=group_size, num_tokens=T, block_t=block_t,
         block_n=block_n, groups_per_step=groups_per_step, steps_per_split=num_steps // split_k,
-        has_offset=offset is not None, compute_dtype=compute_dtype, precision=precision)
+        has_offset=offset is not None, compute_dtype=compute_dtype, precision=precision,
+        halves=halves)
     parts = pl.pallas_call(
         kernel,
         grid=(padded // block_t, N // block_n, split_k),

@@ -29,6 +29,7 @@ from pallas_kernels.quant_matmul import (
     quant_matmul_gpu,
     quant_matmul_reference,
     quant_matmul_tpu,
+    to_halves_layout,
     tpu_tuning,
     unpack_int4,
 )
@@ -303,6 +304,59 @@ def test_tuning_fits_the_hardware():
         assert vmem <= 32 * 2**20, (bits, bucket, vmem)
     assert gpu_tuning(1, 4)["block_t"] == 16 and gpu_tuning(1000, 8) == GPU_TUNING[(8, None)]
     assert tpu_tuning(17, 4) == TPU_TUNING[(4, 64)]
+
+
+def _halves_case(tokens: int, g: int, asymmetric: bool, dtype, seed: int):
+    rng = np.random.default_rng(seed)
+    L, N, K = 3, 64, 512
+    q = jnp.asarray(rng.integers(0, 256, (L, N, K // 2)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(0.01, 0.02, (L, N, K // g)), jnp.float32)
+    offset = (jnp.asarray(rng.uniform(-0.05, 0.05, (L, N, K // g)), jnp.float32)
+              if asymmetric else None)
+    x = jnp.asarray(rng.normal(size=(tokens, K)), dtype)
+    return x, q, scale, offset
+
+
+@pytest.mark.parametrize("tokens, g, asymmetric", [(1, 32, False), (5, 128, True)])
+def test_halves_layout_matches_reference(tokens, g, asymmetric):
+    """The rearranged nibble layout gives the reference's result on the original weights."""
+    x, q, scale, offset = _halves_case(tokens, g, asymmetric, jnp.float32, tokens + g)
+    got = quant_matmul_gpu(x, to_halves_layout(q, g), scale, offset, bits=4, group_size=g,
+                           layer=2, interpret=True, nibbles="halves")
+    expected = quant_matmul_reference(x, q, scale, offset, bits=4, group_size=g, layer=2)
+    assert_close(got, expected, jnp.float32)
+    # The layout really differs: the interleaved kernel on it is wrong.
+    wrong = quant_matmul_gpu(x, to_halves_layout(q, g), scale, offset, bits=4, group_size=g,
+                             layer=2, interpret=True)
+    assert float(jnp.max(jnp.abs(wrong - expected))) > 1e-2
+    # Within one group: the first half of the columns in the low nibbles.
+    values = unpack_int4(q[0, 0, : g // 2])
+    lo = (to_halves_layout(q, g)[0, 0, : g // 2] & 0xF).astype(jnp.int8) - 8
+    np.testing.assert_array_equal(np.asarray(lo), np.asarray(values[: g // 2]))
+    with pytest.raises(ValueError, match="nibbles"):
+        quant_matmul_gpu(x, q, scale, offset, bits=4, group_size=g, layer=2, nibbles="odd")
+
+
+def test_halves_layout_lowers_to_triton():
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                            platform="cuda")
+    f = lambda x, q, s, o, layer: quant_matmul_gpu(x, q, s, o, bits=4, group_size=128,  # noqa: E731
+                                                   layer=layer, nibbles="halves")
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(f).trace(*_llama_args(4, 1, False)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_halves_layout_compiled(tokens):
+    x, q, scale, offset = _halves_case(tokens, 128, True, jnp.bfloat16, tokens)
+    got = quant_matmul_gpu(x, to_halves_layout(q, 128), scale, offset, bits=4, group_size=128,
+                           layer=1, nibbles="halves")
+    expected = quant_matmul_reference(x, q, scale, offset, bits=4, group_size=128, layer=1)
+    assert_close(got, expected, jnp.bfloat16)
 
 
 @pytest.mark.gpu

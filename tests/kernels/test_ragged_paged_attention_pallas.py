@@ -62,10 +62,12 @@ def make_case(seed: int, q_lens: list[int], ctx_lens: list[int], *, H: int, K: i
 
 
 def reference(case: Case, layer: int, **kw) -> jax.Array:
+    """The XLA reference in float32 with full-precision dots (a GPU's default is TF32)."""
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    out = ragged_paged_attention_reference(
-        f32(case.q), f32(case.k_cache[layer]), f32(case.v_cache[layer]), case.kv_lens,
-        case.page_table, case.query_start, max_query_len=case.max_query_len, **kw)
+    with jax.default_matmul_precision("highest"):
+        out = ragged_paged_attention_reference(
+            f32(case.q), f32(case.k_cache[layer]), f32(case.v_cache[layer]), case.kv_lens,
+            case.page_table, case.query_start, max_query_len=case.max_query_len, **kw)
     return out
 
 
