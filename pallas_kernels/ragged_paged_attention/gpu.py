@@ -8,6 +8,11 @@ its queries may see (causal and sliding-window bounds), page by page through the
 table, with an online softmax in float32. Decode tokens, prefill chunks and mixed batches
 are the same kernel: a decode token is a sequence with one new token.
 
+A small decode batch has few (sequence, KV head) programs (8 for one Llama-3-8B sequence on
+132 SMs), so the key range is also split over `kv_splits` programs (flash-decoding); each
+writes its unnormalised output with its running max and sum, merged by log-sum-exp after the
+kernel. By default decode batches split until the grid has ~2 programs per SM.
+
 The stacked cache [L, NP, C, K, E] is indexed by the layer inside the kernel, so `lax.scan`
 over layers never copies a layer's pool.
 """
@@ -26,6 +31,9 @@ from pallas_kernels.ragged_paged_attention.tuning import gpu_tuning
 
 # Triton's dot needs every operand dimension >= 16.
 _MIN_DOT = 16
+# Decode grids split the key range until they have this many programs (2 per H100 SM).
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 32
 
 
 def ragged_paged_attention_gpu(
@@ -45,6 +53,7 @@ def ragged_paged_attention_gpu(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    kv_splits: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of ragged queries over paged keys/values (Triton lowering).
@@ -58,6 +67,8 @@ def ragged_paged_attention_gpu(
         `tuning.py`.
       block_k: keys per inner step (<= C; pages larger than it are walked in blocks).
       num_warps, num_stages: Triton launch parameters; default from `tuning.py`.
+      kv_splits: programs sharing one query block's key range (merged by log-sum-exp);
+        default: 1 for prefill, for decode enough to give the grid ~2 programs per SM.
       interpret: run the kernel in the Pallas interpreter (any backend; how CPU tests run).
 
     Returns:
@@ -83,6 +94,13 @@ def ragged_paged_attention_gpu(
     if BK < _MIN_DOT or BK & (BK - 1):
         raise ValueError(f"block_k must be a power of two >= {_MIN_DOT}, got {BK}")
     n_qblocks = -(-max_query_len // BQ)
+    if kv_splits is None:
+        kv_splits = 1
+        if max_query_len == 1:
+            while S * K * kv_splits < _TARGET_PROGRAMS and kv_splits < _MAX_SPLITS:
+                kv_splits *= 2
+    if kv_splits < 1:
+        raise ValueError(f"kv_splits must be >= 1, got {kv_splits}")
 
     # Rows token * Gp + g per KV head, padded by one block so every block load is in bounds.
     qg = q.reshape(T, K, G, E)
@@ -91,27 +109,45 @@ def ragged_paged_attention_gpu(
 
     kernel = functools.partial(
         _kernel, block_q=BQ, group=G, group_padded=Gp, block_k=BK, page_size=C,
-        sm_scale=float(sm_scale), soft_cap=soft_cap, has_window=sliding_window is not None)
-    out = pl.pallas_call(
+        sm_scale=float(sm_scale), soft_cap=soft_cap, has_window=sliding_window is not None,
+        kv_splits=kv_splits)
+    rows = qg.shape[1]
+    if kv_splits == 1:
+        out_shape: object = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+    else:  # per split: unnormalised output, running max, running sum (float32)
+        out_shape = (jax.ShapeDtypeStruct((kv_splits, K, rows, E), jnp.float32),
+                     jax.ShapeDtypeStruct((kv_splits, K, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((kv_splits, K, rows), jnp.float32))
+    res = pl.pallas_call(
         kernel,
-        grid=(S, K, n_qblocks),
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        grid=(S, K, n_qblocks, kv_splits),
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(
             num_warps=num_warps or tune["num_warps"], num_stages=num_stages or tune["num_stages"]),
         interpret=interpret,
         name="ragged_paged_attention_gpu",
     )(query_start.astype(jnp.int32), kv_lens.astype(jnp.int32), page_table.astype(jnp.int32),
       jnp.reshape(layer, (1,)), common.window_array(sliding_window), qg, k_cache, v_cache)
+    if kv_splits == 1:
+        out = res
+    else:
+        acc, m, l = res
+        m_all = jnp.max(m, axis=0)
+        w = jnp.exp(m - m_all[None])  # splits that saw no key: m = MASK_VALUE, l = 0
+        total = jnp.sum(w * l, axis=0)
+        merged = jnp.sum(w[..., None] * acc, axis=0)
+        out = (merged / jnp.where(total > 0, total, 1.0)[..., None]).astype(q.dtype)
 
     out = out.reshape(K, T + BQ, Gp, E)[:, :T, :G].transpose(1, 0, 2, 3).reshape(T, H, E)
     real = jnp.arange(T, dtype=jnp.int32) < query_start[-1].astype(jnp.int32)
     return jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))
 
 
-def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *,
+def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_ref, *o_refs,
             block_q: int, group: int, group_padded: int, block_k: int, page_size: int,
-            sm_scale: float, soft_cap: float | None, has_window: bool) -> None:
+            sm_scale: float, soft_cap: float | None, has_window: bool, kv_splits: int) -> None:
     s, kh, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    split = pl.program_id(3)
     q_start = qs_ref[s]
     q_len = qs_ref[s + 1] - q_start
     kv_len = kv_lens_ref[s]
@@ -129,6 +165,10 @@ def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_
         first = kv_len - q_len + tok0
         last = kv_len - q_len + jnp.minimum(q_len, tok0 + block_q) - 1
         lo, hi = common.key_block_range(first, last, kv_len, window, block_k)
+        if kv_splits > 1:  # this program's share of the key blocks
+            per = jax.lax.div(hi - lo + kv_splits - 1, kv_splits)
+            lo = jnp.minimum(lo + split * per, hi)
+            hi = jnp.minimum(lo + per, hi)
         layer = layer_ref[0]
         # f32 inputs: full-precision dots (Triton's default for f32 is TF32).
         precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
@@ -160,8 +200,15 @@ def _kernel(qs_ref, kv_lens_ref, pt_ref, layer_ref, window_ref, q_ref, k_ref, v_
         E = q.shape[1]
         init = (jnp.zeros((R, E), jnp.float32), jnp.full((R,), common.MASK_VALUE, jnp.float32),
                 jnp.zeros((R,), jnp.float32))
-        acc, _, l = jax.lax.fori_loop(lo, hi, body, init)
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        acc, m, l = jax.lax.fori_loop(lo, hi, body, init)
         valid = tok < q_len
-        pltriton.store(o_ref.at[kh, pl.ds(row0, R), :], out.astype(o_ref.dtype),
-                       mask=valid[:, None])
+        if kv_splits == 1:
+            (o_ref,) = o_refs
+            out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+            pltriton.store(o_ref.at[kh, pl.ds(row0, R), :], out.astype(o_ref.dtype),
+                           mask=valid[:, None])
+        else:
+            acc_ref, m_ref, l_ref = o_refs
+            pltriton.store(acc_ref.at[split, kh, pl.ds(row0, R), :], acc, mask=valid[:, None])
+            pltriton.store(m_ref.at[split, kh, pl.ds(row0, R)], m, mask=valid)
+            pltriton.store(l_ref.at[split, kh, pl.ds(row0, R)], l, mask=valid)

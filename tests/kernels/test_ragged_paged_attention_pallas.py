@@ -153,6 +153,22 @@ def test_padding_rows_are_zero_and_only_real_rows_written(kernel: str) -> None:
     assert np.asarray(out[:5]).any(axis=(1, 2)).all()
 
 
+@pytest.mark.parametrize("kv_splits", [1, 3, 8])
+def test_gpu_key_range_split(kv_splits: int) -> None:
+    """Flash-decoding: the key range split over programs, merged by log-sum-exp, in decode
+    and in a mixed batch, with a window; splits that see no key (short or empty sequences,
+    more splits than key blocks) drop out of the merge."""
+    decode = make_case(7, [1, 1, 1, 0], [300, 5, 129, 0], H=8, K=2, E=16, C=16,
+                       extra_tokens=1)
+    kw = dict(sm_scale=0.25, sliding_window=200)
+    out = run("gpu", decode, 1, kv_splits=kv_splits, **kw)
+    assert_close(out, reference(decode, 1, **kw), jnp.float32)
+    assert not np.asarray(out[3:]).any()
+    mixed = make_case(8, *RAGGED, H=6, K=2, E=16, C=16)
+    out = run("gpu", mixed, 0, kv_splits=kv_splits, sm_scale=0.3)
+    assert_close(out, reference(mixed, 0, sm_scale=0.3), jnp.float32)
+
+
 def test_gpu_rejects_small_pages() -> None:
     case = make_case(6, [2], [3], H=4, K=2, E=16, C=8)
     with pytest.raises(ValueError, match="page size"):
