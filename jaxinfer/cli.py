@@ -124,6 +124,8 @@ def _add_eval_kv_subparser(sub: argparse._SubParsersAction) -> None:
                     help="which measurements (default text,passkey,agreement)")
     ev.add_argument("--context", type=int, default=4096, help="text window (default 4096)")
     ev.add_argument("--text-windows", type=int, default=None, help="Bible windows (default 1)")
+    ev.add_argument("--text-decode", type=int, default=None,
+                    help="teacher-forced tokens scored at the end of each window (default 112)")
     ev.add_argument("--passkey-contexts", default=None,
                     help="passkey prompt lengths (default 1024,2048,4096)")
     ev.add_argument("--agreement-prompts", type=int, default=None,
@@ -146,6 +148,8 @@ def _eval_kv(args: argparse.Namespace) -> int:
                    parts=split(args.parts))
     if args.text_windows is not None:
         changes["text_windows"] = args.text_windows
+    if args.text_decode is not None:
+        changes["text_decode"] = args.text_decode
     if args.passkey_contexts is not None:
         changes["passkey_contexts"] = tuple(int(c) for c in split(args.passkey_contexts))
     if args.agreement_prompts is not None:
