@@ -49,7 +49,7 @@ OBS_WINDOW = 32
 
 def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                     per_layer: Callable[[PrefillContext], Any], obs_window: int,
-                    all_logits: bool) -> tuple[jax.Array, Any]:
+                    all_logits: bool, col_all: bool = True) -> tuple[jax.Array, Any]:
     S, T = tokens.shape
     K, G, E = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (S, T)).reshape(-1)
@@ -65,7 +65,7 @@ def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
         k, v = k.reshape(S, T, K, E), v.reshape(S, T, K, E)
         o, stats = causal_prefill(q, k, v, lengths, layer_window(cfg, is_sliding),
                                   scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap,
-                                  obs_window=obs_window)
+                                  obs_window=obs_window, col_all=col_all)
         out = per_layer(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
                                        layer=layer))
         x = attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S * T, K * G, E))
@@ -92,7 +92,8 @@ def prefill(params: Params, cfg: ModelConfig, policy: Any, tokens: jax.Array,
       token; the compressed `KVState`).
     """
     logits, cache = _prefill_layers(params, cfg, tokens, lengths, policy.prefill,
-                                    OBS_WINDOW, all_logits)
+                                    OBS_WINDOW, all_logits,
+                                    col_all=getattr(policy, "needs_col_all", True))
     return logits, KVState(cache=cache, seen=lengths.astype(jnp.int32))
 
 

@@ -79,6 +79,9 @@ class SlotPolicy:
     merge_threshold: float = 0.5
     merge_bias: bool = True
     needs_probs: ClassVar[bool] = True
+    # Whether `prefill_score` reads `stats.col_all` (H2O's accumulated attention over every
+    # prefill query, +30% of the prefill's attention); the prefill skips it otherwise.
+    needs_col_all: ClassVar[bool] = False
     name: ClassVar[str] = "slots"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:
@@ -185,6 +188,7 @@ class StreamingLLM(SlotPolicy):
 class H2O(SlotPolicy):
     """Heavy hitters (largest accumulated attention) plus a recent window."""
 
+    needs_col_all: ClassVar[bool] = True
     name: ClassVar[str] = "h2o"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:

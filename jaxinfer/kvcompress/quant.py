@@ -130,6 +130,7 @@ class QuantizedKV:
     bits: int = 8
     group: int = 64
     needs_probs: ClassVar[bool] = False
+    needs_col_all: ClassVar[bool] = False
     name: ClassVar[str] = "int8"
 
     def prefill(self, ctx: PrefillContext) -> TokenQuantCache:
@@ -173,6 +174,7 @@ class KIVI:
     group: int = 32  # G: tokens per key group, channels per value group
     residual: int = 32  # R: newest tokens always kept in full precision
     needs_probs: ClassVar[bool] = False
+    needs_col_all: ClassVar[bool] = False
     name: ClassVar[str] = "kivi"
 
     @property
@@ -276,6 +278,7 @@ class MiKV:
     group: int = 32
     recent: int = 16
     needs_probs: ClassVar[bool] = True
+    needs_col_all: ClassVar[bool] = True  # the H2O selector's prefill scores
     name: ClassVar[str] = "mikv"
 
     @property

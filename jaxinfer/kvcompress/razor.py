@@ -57,6 +57,7 @@ class RazorAttention:
     sink: int = 4
     retrieval_heads: HeadTable = ()
     needs_probs: ClassVar[bool] = False
+    needs_col_all: ClassVar[bool] = False
     # Its decode reads the window before folding the leaving token: scan per-layer slices
     # (see kvcompress.model.decode_step).
     writes_in_place: ClassVar[bool] = False

@@ -39,6 +39,7 @@ class TokenSelect:
     local: int = 16
     reuse_threshold: float = 0.9
     needs_probs: ClassVar[bool] = False
+    needs_col_all: ClassVar[bool] = False
     name: ClassVar[str] = "tokenselect"
 
     @property

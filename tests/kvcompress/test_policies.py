@@ -20,7 +20,7 @@ from jaxinfer.kvcompress import quant
 from jaxinfer.kvcompress.attend import PrefillStats
 from jaxinfer.kvcompress.model import capture_prefill, compress, decode_step, prefill
 from jaxinfer.kvcompress.policies import PrefillContext
-from jaxinfer.kvcompress.registry import make_policy
+from jaxinfer.kvcompress.registry import POLICY_NAMES, make_policy
 from jaxinfer.kvcompress.slots import nbytes
 from tests.model.test_forward import CONFIGS, _params, _run
 
@@ -221,13 +221,19 @@ def test_prefill_selection(name):
                                           np.asarray(ctx.k[0, pos[b, h], h]))
 
 
-def test_capture_then_compress_equals_prefill():
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_capture_then_compress_equals_prefill(name):
+    """`prefill` skips H2O's accumulated attention for policies that declare they do not
+    read it (`needs_col_all`); `capture_prefill` always computes it. Equal states prove the
+    declarations right (a policy that reads zeros would keep different tokens)."""
     cfg, params = CONFIGS["llama"], _params("llama")
     toks = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     lengths = jnp.asarray([12, 9], jnp.int32)
-    policy = make_policy("snapkv", max_len=MAX_LEN, budget=8)
+    policy = make_policy(name, max_len=MAX_LEN, budget=8,
+                         retrieval_heads=((0,),) * cfg.num_layers)
     logits, state = prefill(params, cfg, policy, toks, lengths)
     logits2, captured = capture_prefill(params, cfg, toks, lengths)
+    assert captured[3].col_all.any()
     state2 = compress(policy, captured, lengths)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(logits2), atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
