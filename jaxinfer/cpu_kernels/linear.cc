@@ -42,14 +42,23 @@ inline float RowDot(const float* __restrict w, const float* __restrict x, int64_
 // Several tokens: an R x TT register tile (R weight rows by TT tokens). Each step over D
 // loads R weight vectors and TT token vectors for R * TT FMAs, so the loop is bound by
 // the FMA units rather than by loads; the weight rows stay in L1 across token tiles.
+// `pf`, when set, is the next R-row group of W: one cache line of each of its rows is
+// prefetched per step, so the stream of weights is already in flight when the next tile
+// starts (rows are only D floats long, too short for the hardware prefetcher to ramp up
+// on R interleaved streams: 8 tokens ran at 12.6 GB/s without it).
 template <int R, int TT>
 inline void Tile(const float* __restrict w, const float* __restrict x, int64_t d_size,
-                 float* y, int64_t out_stride) {
+                 float* y, int64_t out_stride, const float* pf) {
   __m512 acc[R][TT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= d_size; d += 16) {
+    if (pf != nullptr) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + r * d_size + d), _MM_HINT_T0);
+      }
+    }
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * d_size + d);
     for (int t = 0; t < TT; ++t) {
@@ -70,14 +79,14 @@ constexpr int kTileRows = 4, kTileTokens = 6;
 
 template <int R>
 inline void TileTokens(const float* w, const float* x, int64_t d_size, int64_t tokens, float* y,
-                       int64_t out_stride) {
+                       int64_t out_stride, const float* pf) {
   switch (tokens) {
-    case 1: Tile<R, 1>(w, x, d_size, y, out_stride); break;
-    case 2: Tile<R, 2>(w, x, d_size, y, out_stride); break;
-    case 3: Tile<R, 3>(w, x, d_size, y, out_stride); break;
-    case 4: Tile<R, 4>(w, x, d_size, y, out_stride); break;
-    case 5: Tile<R, 5>(w, x, d_size, y, out_stride); break;
-    default: Tile<R, 6>(w, x, d_size, y, out_stride); break;
+    case 1: Tile<R, 1>(w, x, d_size, y, out_stride, pf); break;
+    case 2: Tile<R, 2>(w, x, d_size, y, out_stride, pf); break;
+    case 3: Tile<R, 3>(w, x, d_size, y, out_stride, pf); break;
+    case 4: Tile<R, 4>(w, x, d_size, y, out_stride, pf); break;
+    case 5: Tile<R, 5>(w, x, d_size, y, out_stride, pf); break;
+    default: Tile<R, 6>(w, x, d_size, y, out_stride, pf); break;
   }
 }
 
@@ -86,15 +95,17 @@ inline void RowsTimesTokenBlock(const float* W, const float* X, int64_t D, int64
                                 int64_t N, int64_t lo, int64_t hi, float* Y) {
   int64_t n = lo;
   for (; n + kTileRows <= hi; n += kTileRows) {
+    // The first token tile prefetches the next row group (the others find this group in L1).
+    const float* next = n + 2 * kTileRows <= hi ? W + (n + kTileRows) * D : nullptr;
     for (int64_t t0 = 0; t0 < T; t0 += kTileTokens) {
       TileTokens<kTileRows>(W + n * D, X + t0 * D, D, std::min<int64_t>(kTileTokens, T - t0),
-                            Y + t0 * N + n, N);
+                            Y + t0 * N + n, N, t0 == 0 ? next : nullptr);
     }
   }
   for (; n < hi; ++n) {
     for (int64_t t0 = 0; t0 < T; t0 += kTileTokens) {
       TileTokens<1>(W + n * D, X + t0 * D, D, std::min<int64_t>(kTileTokens, T - t0),
-                    Y + t0 * N + n, N);
+                    Y + t0 * N + n, N, nullptr);
     }
   }
 }

@@ -135,6 +135,35 @@ def test_forward_is_pure_and_shapes():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="native kernels are CPU-only")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_native_mixed_step_with_history_matches_xla(name):
+    """A stall-free step: two decodes beside a prefill chunk whose sequence already has 20
+    cached tokens (longer than gemma3's window of 5), with attention_impl "cpu" (the native
+    decode kernel beside the prefill section) against the XLA reference."""
+    ref_cfg = CONFIGS[name]
+    cpu_cfg = ref_cfg.replace(attention_impl="cpu")
+    params = _params(name)
+    rng = np.random.default_rng(8)
+    p0, p1, p2 = (rng.integers(0, ref_cfg.vocab_size, n).tolist() for n in (12, 30, 6))
+    pg0, pg1, pg2 = [0, 1, 2], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12]
+    steps = [
+        [SequenceChunk(p0[:11], 0, pg0), SequenceChunk(p1[:20], 0, pg1),
+         SequenceChunk(p2[:5], 0, pg2)],
+        [SequenceChunk([p0[11]], 11, pg0), SequenceChunk([p2[5]], 5, pg2),
+         SequenceChunk(p1[20:], 20, pg1)],
+    ]
+    caches = {c: init_cache(c, 16, PAGE) for c in (ref_cfg, cpu_cfg)}
+    for i, chunks in enumerate(steps):
+        results = {}
+        for c in (ref_cfg, cpu_cfg):
+            results[c], step, caches[c] = _run(params, c, chunks, caches[c])
+        if i == 1:
+            assert step.num_decode == 2 and step.max_query_len >= 10
+        np.testing.assert_allclose(results[cpu_cfg], results[ref_cfg], atol=TOL, rtol=0,
+                                   err_msg=f"step {i}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="native kernels are CPU-only")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_native_cpu_kernels_match_xla(name):
     """attention_impl / matmul_impl "cpu" (native kernels) against the XLA reference."""
     from jaxinfer import cpu_kernels
