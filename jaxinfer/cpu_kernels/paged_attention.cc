@@ -65,6 +65,42 @@ inline void WeightedRows(const float* const* rows, int64_t offset, const float* 
   }
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, acc[v]);
 }
+
+// Lane j = q . (rows[j] + offset) over E floats (E % 16 == 0), for 16 keys at once. Each
+// dot accumulates in its own register; the 16 registers are then summed together by a
+// transpose-and-add tree (~30 instructions for all 16, where a horizontal sum per dot
+// costs ~10 each and one dot at a time left the scores loop latency-bound: ~80 cycles
+// per (query, head, key)).
+inline __m512 Dot16(const float* __restrict q, const float* const* rows, int64_t offset,
+                    int64_t E) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < E; e += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + e);
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[j] + offset + e), acc[j]);
+    }
+  }
+  // 16 -> 8: w[k] holds keys 2k (lanes 0-7) and 2k+1 (lanes 8-15), 8 partial sums each.
+  __m512 w[8];
+  for (int k = 0; k < 8; ++k) {
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0xEE));
+  }
+  // 8 -> 4: x[m]'s 128-bit block r holds key 4m + r, 4 partial sums.
+  __m512 x[4];
+  for (int m = 0; m < 4; ++m) {
+    x[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0xDD));
+  }
+  // 4 -> 1 inside each 128-bit block: lane 4r + m holds key 4m + r.
+  const __m512 y0 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 y1 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y0, y1, 0x44), _mm512_shuffle_ps(y0, y1, 0xEE));
+  // Lane k <- lane 4 (k % 4) + k / 4.
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, z);
+}
 #endif
 
 // out[0:E] = sum over keys n in [lo, hi) of w[n] * rows[n][offset : offset + E].
@@ -162,13 +198,71 @@ static ffi::Error RaggedPagedAttentionImpl(
       // Keys any query of this sequence may see: [first, len).
       const int64_t first = win > 0 ? std::max<int64_t>(0, pos0 - win + 1) : 0;
       const int64_t n_keys = len - first;
-      // scores[(i * H + h) * n_keys + key]: a contiguous row per (query, head).
-      scores.assign(nt * H * n_keys, kMasked);
+      // scores[(i * H + h) * stride + key]: a contiguous row per (query, head).
+      int64_t stride = n_keys;
       // Query i sees key n when pos0 + i >= n and (no window or pos0 + i - n < win).
       auto query_range = [&](int64_t n, int64_t* lo, int64_t* hi) {
         *lo = std::max<int64_t>(0, n - pos0);
         *hi = win > 0 ? std::min<int64_t>(nt, n - pos0 + win) : nt;
       };
+#if defined(__AVX512F__)
+      const bool blocked = E % 16 == 0;
+#else
+      const bool blocked = false;
+#endif
+      if (blocked) {
+#if defined(__AVX512F__)
+        // Blocks of 16 consecutive keys (possibly across pages): 16 scores per dot pass.
+        stride = (n_keys + 15) / 16 * 16;
+        scores.assign(nt * H * stride, kMasked);
+        const float* rows[16];
+        const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                              1, 0);
+        const __m512 masked = _mm512_set1_ps(kMasked);
+        const __m512 scale = _mm512_set1_ps(sm_scale);
+        for (int64_t n0 = first; n0 < len; n0 += 16) {
+          const int64_t nb = std::min<int64_t>(16, len - n0);
+          __mmask16 valid = 0;
+          for (int64_t j = 0; j < 16; ++j) {
+            rows[j] = KC;  // any readable row; its score is masked
+            if (j >= nb) continue;
+            const int64_t n = n0 + j;
+            const int32_t page = pt[s * P + n / C];
+            if (page < 0 || page >= NP) continue;
+            rows[j] = KC + (static_cast<int64_t>(page) * C + n % C) * key_stride;
+            valid |= static_cast<__mmask16>(1u << j);
+          }
+          if (valid == 0) continue;
+          const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(n0)), iota);
+          int64_t i_lo, i_hi, unused;
+          query_range(n0, &i_lo, &unused);
+          query_range(n0 + nb - 1, &unused, &i_hi);
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const int64_t pos = pos0 + i;
+            __mmask16 mask = valid & _mm512_cmple_epi32_mask(
+                keys, _mm512_set1_epi32(static_cast<int32_t>(pos)));
+            if (win > 0) {
+              mask &= _mm512_cmpgt_epi32_mask(
+                  keys, _mm512_set1_epi32(static_cast<int32_t>(pos - win)));
+            }
+            if (mask == 0) continue;
+            const float* qi = Q + (t0 + i) * H * E;
+            for (int64_t h = 0; h < H; ++h) {
+              __m512 sc = _mm512_mul_ps(Dot16(qi + h * E, rows, h / G * E, E), scale);
+              if (soft_cap > 0.0f) {
+                alignas(64) float tmp[16];
+                _mm512_store_ps(tmp, sc);
+                for (int j = 0; j < 16; ++j) tmp[j] = std::tanh(tmp[j] / soft_cap) * soft_cap;
+                sc = _mm512_load_ps(tmp);
+              }
+              _mm512_storeu_ps(scores.data() + (i * H + h) * stride + (n0 - first),
+                               _mm512_mask_blend_ps(mask, masked, sc));
+            }
+          }
+        }
+#endif
+      } else {
+      scores.assign(nt * H * n_keys, kMasked);
       for (int64_t p = first / C; p * C < len; ++p) {
         const int32_t page = pt[s * P + p];
         if (page < 0 || page >= NP) continue;
@@ -189,8 +283,9 @@ static ffi::Error RaggedPagedAttentionImpl(
           }
         }
       }
+      }
       for (int64_t r = 0; r < nt * H; ++r) {
-        float* row = scores.data() + r * n_keys;
+        float* row = scores.data() + r * stride;
         float mx = kMasked;
         for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, row[i]);
         float sum = 0.0f;
@@ -219,7 +314,7 @@ static ffi::Error RaggedPagedAttentionImpl(
         const int64_t k_hi = pos + 1 - first;
         const int64_t k_lo = win > 0 ? std::max<int64_t>(0, pos - win + 1 - first) : 0;
         for (int64_t h = 0; h < H; ++h) {
-          WeightedSum(vrows.data(), h / G * E, scores.data() + (i * H + h) * n_keys, k_lo, k_hi,
+          WeightedSum(vrows.data(), h / G * E, scores.data() + (i * H + h) * stride, k_lo, k_hi,
                       E, O + ((t0 + i) * H + h) * E);
         }
       }
