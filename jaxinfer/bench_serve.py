@@ -586,10 +586,13 @@ def run_serve_benchmark(options: ServeBenchOptions) -> list[dict[str, Any]]:
 
 
 def run_serve_benchmark_from(options: Any, rates: tuple[float, ...] | None = None,
-                             sweep: bool = True, stall: bool = True) -> list[dict[str, Any]]:
+                             sweep: bool = True, stall: bool = True,
+                             stall_short_new_tokens: int | None = None) -> list[dict[str, Any]]:
     """`jaxinfer bench --workload serve`: the serve benchmark with the CLI's options
     (a `jaxinfer.bench.BenchOptions`)."""
-    serve_options = ServeBenchOptions(
+    extra = ({} if stall_short_new_tokens is None
+             else {"stall_short_new_tokens": stall_short_new_tokens})
+    serve_options = ServeBenchOptions(**extra,
         model=options.model, dtype=options.dtype, output=options.output,
         page_size=options.page_size, kv_cache_tokens=options.kv_cache_tokens,
         max_num_batched_tokens=options.max_num_batched_tokens,

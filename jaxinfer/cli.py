@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "at once (default 0.5,1,2,4,inf)")
     bench.add_argument("--serve-part", default="both", choices=["both", "sweep", "stall"],
                        help="serve: the rate sweep, the long-prompt stall experiment, or both")
+    bench.add_argument("--stall-short-new-tokens", type=int, default=None,
+                       help="serve stall experiment: tokens each short request decodes "
+                            "(default 128; enough to outlive the long prompts' prefill "
+                            "makes every step of it count)")
     bench.add_argument("--compare", default=None, choices=["hf"],
                        help="also run Hugging Face transformers (torch) on the same model")
     bench.add_argument("--repeats", type=int, default=3,
@@ -238,7 +242,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_serve_benchmark_from(options, rates=parse_rates(args.rates) if args.rates else None,
                                  sweep=args.serve_part != "stall",
-                                 stall=args.serve_part != "sweep")
+                                 stall=args.serve_part != "sweep",
+                                 stall_short_new_tokens=args.stall_short_new_tokens)
         return 0
     run_benchmark(options)
     return 0
