@@ -118,7 +118,7 @@ def _add_eval_kv_subparser(sub: argparse._SubParsersAction) -> None:
         description="Compare KV-cache policies against the full cache on a real model: "
         "perplexity / KL / top-1 agreement on the King James Bible, passkey retrieval, and "
         "greedy agreement. JSON lines to stdout, a markdown table to stderr. The default "
-        "run takes ~30 minutes on a 2-core CPU; --full-sweep runs the complete grid.")
+        "run takes ~21 minutes on a 2-core CPU; --full-sweep runs the complete grid.")
     ev.add_argument("--model", default=None, help="model path or name (default SmolLM2-135M)")
     ev.add_argument("--policies", default=",".join(POLICY_NAMES),
                     help=f"comma-separated policies (default all: {','.join(POLICY_NAMES)})")

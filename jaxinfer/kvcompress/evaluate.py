@@ -33,7 +33,7 @@ from jaxinfer.kvcompress.slots import nbytes
 
 @dataclasses.dataclass(frozen=True)
 class EvalKVConfig:
-    """What `eval-kv` runs. The defaults fit ~30 minutes on a 2-core CPU; `FULL_SWEEP`
+    """What `eval-kv` runs. The defaults take ~21 minutes on a 2-core CPU (2026-11-28); `FULL_SWEEP`
     is the complete grid."""
 
     model: str | None = None
