@@ -63,11 +63,12 @@ def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
         q, k, v = qkv_heads(cfg, layers, lp, layer, x, rope, is_sliding)
         q = q.reshape(S, T, K, G, E)
         k, v = k.reshape(S, T, K, E), v.reshape(S, T, K, E)
-        o, stats = causal_prefill(q, k, v, lengths, layer_window(cfg, is_sliding),
+        window = layer_window(cfg, is_sliding)
+        o, stats = causal_prefill(q, k, v, lengths, window,
                                   scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap,
                                   obs_window=obs_window, col_all=col_all)
         out = per_layer(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
-                                       layer=layer))
+                                       layer=layer, window=window))
         x = attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S * T, K * G, E))
         return x, out
 
@@ -104,7 +105,7 @@ def capture_prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
     (stacked on L) instead of compressing, so that many policies can be compared on one
     prefill (`compress`). Logits as `prefill` without `all_logits`."""
     def keep(ctx: PrefillContext) -> tuple:
-        return ctx.q, ctx.k, ctx.v, ctx.stats
+        return ctx.q, ctx.k, ctx.v, ctx.stats, ctx.window
     return _prefill_layers(params, cfg, tokens, lengths, keep, OBS_WINDOW, False)
 
 
@@ -112,8 +113,9 @@ def capture_prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
 def compress(policy: Any, captured: tuple, lengths: jax.Array) -> KVState:
     """The `KVState` that `prefill` with `policy` would have produced, from a capture."""
     def one(xs: tuple) -> Any:
-        layer, (q, k, v, stats) = xs
+        layer, (q, k, v, stats, window) = xs
         return policy.prefill(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
+                                             window=window,
                                              layer=layer))
     layers = jnp.arange(captured[1].shape[0], dtype=jnp.int32)
     return KVState(cache=jax.lax.map(one, (layers, captured)), seen=lengths.astype(jnp.int32))

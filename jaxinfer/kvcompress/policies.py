@@ -31,6 +31,9 @@ class PrefillContext:
     lengths: jax.Array  # [S]
     stats: PrefillStats
     layer: jax.Array | None = None  # traced layer index (policies with per-layer tables)
+    # The layer's sliding window (traced; None: the model has none): keys further than it
+    # from a query are invisible to that query, at prefill and at every later step.
+    window: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,11 @@ class SlotPolicy:
         t = jnp.broadcast_to(jnp.arange(T)[None, None, :], (S, ctx.k.shape[2], T))
         raw = self.prefill_score(ctx)
         score = _protect(raw, t, ctx.lengths[:, None, None] - 1, self.sink, self.recent)
+        if ctx.window is not None:
+            # A sliding-window layer never reads keys that left its window: a slot spent on
+            # one is lost (H2O's accumulated attention still ranks such keys high).
+            gone = ctx.lengths[:, None, None] - 1 - t >= ctx.window
+            score = jnp.where(gone, -sl.INF, score)
         return sl.select_prefill(ctx.k, ctx.v, ctx.lengths, score, self.budget,
                                  merge=self.merge, merge_threshold=self.merge_threshold,
                                  raw_score=raw)
@@ -247,6 +255,11 @@ class ActQKV(SnapKV):
         probe = jnp.einsum("stkge,stkg->skge", q, w)  # [S, K, G, E]
         s = jnp.einsum("skge,stke->skgt", probe, ctx.k.astype(jnp.float32)) * E ** -0.5
         valid = t[None, None, None, :] < ctx.lengths[:, None, None, None]
+        if ctx.window is not None:
+            # On a sliding-window layer, keys the last query can no longer see are never
+            # read again: keeping them would evict the window itself (Gemma 3: +250% ppl).
+            valid &= (ctx.lengths[:, None, None, None] - 1 - t[None, None, None, :]
+                      < ctx.window)
         p = jax.nn.softmax(jnp.where(valid, s, -1e30), axis=-1)
         return _maxpool(jnp.where(valid, p, 0.0).sum(axis=2), self.kernel)
 

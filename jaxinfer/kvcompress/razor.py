@@ -261,7 +261,7 @@ def find_retrieval_heads(params: Params, cfg: ModelConfig, *, seq_len: int = 128
     first = np.random.default_rng(seed).integers(0, cfg.vocab_size, (num_probes, half))
     tokens = jnp.asarray(np.concatenate([first, first], axis=1), jnp.int32)
     lengths = jnp.full((num_probes,), 2 * half, jnp.int32)
-    _, (q, k, _, _) = capture_prefill(params, cfg, tokens, lengths)
+    _, (q, k, _, _, _) = capture_prefill(params, cfg, tokens, lengths)
     no_window = np.iinfo(np.int32).max // 2
     windows = np.where(cfg.sliding_layer_mask, cfg.sliding_window or no_window, no_window)
     scores = np.asarray(induction_scores(q, k, jnp.asarray(windows, jnp.int32), half=half,

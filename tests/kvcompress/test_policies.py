@@ -150,6 +150,24 @@ def _synthetic_ctx(S=1, T=512, K=3, G=3, E=64, seed=0):
                           stats=PrefillStats(stat, stat, stat))
 
 
+@pytest.mark.parametrize("name", ["streaming", "h2o", "scissorhands", "snapkv", "actqkv",
+                                  "d2o"])
+def test_sliding_layer_keeps_only_visible_keys(name):
+    """On a sliding-window layer no slot holds a key that left the window (it would never
+    be read again); H2O-like scores here favour the OLDEST tokens, the worst case."""
+    T, W, B = 64, 16, 24
+    ctx = _synthetic_ctx(T=T, seed=3)
+    old_first = jnp.broadcast_to(-jnp.arange(T, dtype=jnp.float32), ctx.stats.col_all.shape)
+    ctx = ctx.replace(stats=PrefillStats(old_first, old_first, old_first),
+                      window=jnp.asarray(W, jnp.int32))
+    state = make_policy(name, max_len=T + 8, budget=B).prefill(ctx)
+    pos = np.asarray(state.pos[0])  # [B, K]
+    kept = pos[pos >= 0]
+    assert kept.size and (kept > T - 1 - W).all(), sorted(set(kept.tolist()))
+    # every visible key fits in the budget, so each KV head keeps all W of them
+    assert ((pos >= 0).sum(axis=0) == W).all()
+
+
 @pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "d2o", "mikv"])
 def test_state_bytes_follow_budget(name):
     """SmolLM2's head shape (3 KV heads of 64): a 25% budget costs 25% of the full cache's
