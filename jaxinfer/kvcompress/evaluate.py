@@ -262,10 +262,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> str:
         t, a = text.get(k), agree.get(k)
         cells = [np.mean(pk[k][c]) for c in sorted(full_cells) if c in pk.get(k, {})]
         pks = f"{100 * np.mean(cells):.0f}% of {len(cells)}" if cells else "n/a"
-        lines.append(
-            f"| {k} | {t['kv_ratio']:.3f} | {t['ppl']:.3f} | {t['ppl_delta_pct']:+.2f} | "
-            f"{t['kl']:.4f} | {t['top1']:.3f} | {pks} | "
-            f"{a['token_agreement']:.3f} |" if t and a else f"| {k} | | | | | | {pks} | |")
+        tcols = (f"{t['kv_ratio']:.3f} | {t['ppl']:.3f} | {t['ppl_delta_pct']:+.2f} | "
+                 f"{t['kl']:.4f} | {t['top1']:.3f}" if t else " | | | | ")
+        acol = f"{a['token_agreement']:.3f}" if a else ""
+        lines.append(f"| {k} | {tcols} | {pks} | {acol} |")
     return "\n".join(lines)
 
 

@@ -55,3 +55,16 @@ def test_cli_writes_json_lines_and_table(model_path, tmp_path, capsys):
     assert any(r["part"] == "passkey" for r in lines)
     err = capsys.readouterr().err
     assert "| streaming@0.5 |" in err and "ppl" in err
+
+
+def test_summary_of_a_partial_run():
+    """A text-only run (no agreement lines) still tabulates its text columns."""
+    from jaxinfer.kvcompress.evaluate import summarize
+
+    rows = [{"part": "text", "policy": p, "kv_ratio": r, "ppl": 10.0 * (1 + d / 100),
+             "ppl_delta_pct": d, "kl": 0.1, "top1": 0.9} for p, r, d in
+            (("full", 1.0, 0.0), ("h2o@0.25", 0.25, 3.5))]
+    table = summarize(rows)
+    assert "| h2o@0.25 | 0.250 | 10.350 | +3.50 | 0.1000 | 0.900 | n/a |  |" in table
+    rows.append({"part": "agreement", "policy": "h2o@0.25", "token_agreement": 0.5})
+    assert "| h2o@0.25 | 0.250 | 10.350 | +3.50 | 0.1000 | 0.900 | n/a | 0.500 |" in summarize(rows)
