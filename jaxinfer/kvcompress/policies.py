@@ -85,6 +85,9 @@ class SlotPolicy:
     # Whether `prefill_score` reads `stats.col_all` (H2O's accumulated attention over every
     # prefill query, +30% of the prefill's attention); the prefill skips it otherwise.
     needs_col_all: ClassVar[bool] = False
+    # False for the full cache, which keeps every token in slot = position (TokenSelect
+    # relies on that) even where a window hides it.
+    evicts: ClassVar[bool] = True
     name: ClassVar[str] = "slots"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:
@@ -102,7 +105,7 @@ class SlotPolicy:
         t = jnp.broadcast_to(jnp.arange(T)[None, None, :], (S, ctx.k.shape[2], T))
         raw = self.prefill_score(ctx)
         score = _protect(raw, t, ctx.lengths[:, None, None] - 1, self.sink, self.recent)
-        if ctx.window is not None:
+        if ctx.window is not None and self.evicts:
             # A sliding-window layer never reads keys that left its window: a slot spent on
             # one is lost (H2O's accumulated attention still ranks such keys high).
             gone = ctx.lengths[:, None, None] - 1 - t >= ctx.window
@@ -165,6 +168,7 @@ class FullCache(SlotPolicy):
     a token before the budget is reached."""
 
     needs_probs: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
     name: ClassVar[str] = "full"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:

@@ -168,6 +168,17 @@ def test_sliding_layer_keeps_only_visible_keys(name):
     assert ((pos >= 0).sum(axis=0) == W).all()
 
 
+def test_full_cache_keeps_hidden_keys_in_place():
+    """The full cache (and TokenSelect over it) keeps every token at slot = position, even
+    keys a sliding window hides."""
+    T = 40
+    ctx = _synthetic_ctx(T=T, seed=4).replace(window=jnp.asarray(8, jnp.int32))
+    for name in ("full", "tokenselect"):
+        state = make_policy(name, max_len=T + 8, budget=16).prefill(ctx)
+        slots = state if name == "full" else state.slots
+        np.testing.assert_array_equal(np.asarray(slots.pos[0, :T, 0]), np.arange(T))
+
+
 @pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "d2o", "mikv"])
 def test_state_bytes_follow_budget(name):
     """SmolLM2's head shape (3 KV heads of 64): a 25% budget costs 25% of the full cache's
