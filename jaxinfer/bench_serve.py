@@ -590,12 +590,13 @@ def run_serve_benchmark_from(options: Any, rates: tuple[float, ...] | None = Non
                              stall_short_new_tokens: int | None = None) -> list[dict[str, Any]]:
     """`jaxinfer bench --workload serve`: the serve benchmark with the CLI's options
     (a `jaxinfer.bench.BenchOptions`)."""
-    extra = ({} if stall_short_new_tokens is None
-             else {"stall_short_new_tokens": stall_short_new_tokens})
-    serve_options = ServeBenchOptions(**extra,
+    serve_options = ServeBenchOptions(
         model=options.model, dtype=options.dtype, output=options.output,
         page_size=options.page_size, kv_cache_tokens=options.kv_cache_tokens,
         max_num_batched_tokens=options.max_num_batched_tokens,
         stall_budget=options.max_num_batched_tokens,
         rates=rates or DEFAULT_RATES, sweep=sweep, stall=stall)
+    if stall_short_new_tokens is not None:
+        serve_options = dataclasses.replace(serve_options,
+                                            stall_short_new_tokens=stall_short_new_tokens)
     return run_serve_benchmark(serve_options)

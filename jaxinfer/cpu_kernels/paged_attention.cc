@@ -262,27 +262,27 @@ static ffi::Error RaggedPagedAttentionImpl(
         }
 #endif
       } else {
-      scores.assign(nt * H * n_keys, kMasked);
-      for (int64_t p = first / C; p * C < len; ++p) {
-        const int32_t page = pt[s * P + p];
-        if (page < 0 || page >= NP) continue;
-        const float* base = KC + static_cast<int64_t>(page) * C * key_stride;
-        const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
-        for (int64_t n = lo; n < hi; ++n) {
-          const float* row = base + (n - p * C) * key_stride;
-          int64_t i_lo, i_hi;
-          query_range(n, &i_lo, &i_hi);
-          for (int64_t i = i_lo; i < i_hi; ++i) {
-            const float* qi = Q + (t0 + i) * H * E;
-            float* sc = scores.data() + i * H * n_keys + (n - first);
-            for (int64_t h = 0; h < H; ++h) {
-              float acc = Dot(qi + h * E, row + h / G * E, E) * sm_scale;
-              if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
-              sc[h * n_keys] = acc;
+        scores.assign(nt * H * n_keys, kMasked);
+        for (int64_t p = first / C; p * C < len; ++p) {
+          const int32_t page = pt[s * P + p];
+          if (page < 0 || page >= NP) continue;
+          const float* base = KC + static_cast<int64_t>(page) * C * key_stride;
+          const int64_t lo = std::max(first, p * C), hi = std::min(len, (p + 1) * C);
+          for (int64_t n = lo; n < hi; ++n) {
+            const float* row = base + (n - p * C) * key_stride;
+            int64_t i_lo, i_hi;
+            query_range(n, &i_lo, &i_hi);
+            for (int64_t i = i_lo; i < i_hi; ++i) {
+              const float* qi = Q + (t0 + i) * H * E;
+              float* sc = scores.data() + i * H * n_keys + (n - first);
+              for (int64_t h = 0; h < H; ++h) {
+                float acc = Dot(qi + h * E, row + h / G * E, E) * sm_scale;
+                if (soft_cap > 0.0f) acc = std::tanh(acc / soft_cap) * soft_cap;
+                sc[h * n_keys] = acc;
+              }
             }
           }
         }
-      }
       }
       for (int64_t r = 0; r < nt * H; ++r) {
         float* row = scores.data() + r * stride;

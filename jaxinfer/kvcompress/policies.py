@@ -107,7 +107,8 @@ class SlotPolicy:
         score = _protect(raw, t, ctx.lengths[:, None, None] - 1, self.sink, self.recent)
         if ctx.window is not None and self.evicts:
             # A sliding-window layer never reads keys that left its window: a slot spent on
-            # one is lost (H2O's accumulated attention still ranks such keys high).
+            # one is lost (H2O's accumulated attention still ranks such keys high, and
+            # ActQKV's probe kept them on Gemma 3 until this: +250% perplexity).
             gone = ctx.lengths[:, None, None] - 1 - t >= ctx.window
             score = jnp.where(gone, -sl.INF, score)
         return sl.select_prefill(ctx.k, ctx.v, ctx.lengths, score, self.budget,
@@ -259,11 +260,6 @@ class ActQKV(SnapKV):
         probe = jnp.einsum("stkge,stkg->skge", q, w)  # [S, K, G, E]
         s = jnp.einsum("skge,stke->skgt", probe, ctx.k.astype(jnp.float32)) * E ** -0.5
         valid = t[None, None, None, :] < ctx.lengths[:, None, None, None]
-        if ctx.window is not None:
-            # On a sliding-window layer, keys the last query can no longer see are never
-            # read again: keeping them would evict the window itself (Gemma 3: +250% ppl).
-            valid &= (ctx.lengths[:, None, None, None] - 1 - t[None, None, None, :]
-                      < ctx.window)
         p = jax.nn.softmax(jnp.where(valid, s, -1e30), axis=-1)
         return _maxpool(jnp.where(valid, p, 0.0).sum(axis=2), self.kernel)
 
