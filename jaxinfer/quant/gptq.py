@@ -30,6 +30,7 @@ g group size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -54,7 +55,8 @@ CHUNK_BYTES = 160 * 2**20
 
 
 def gptq_quantize(w: Any, gram: Any, scheme: str | QuantScheme, *, damp: float = DAMP,
-                  block: int = BLOCK, exact_group: bool = False) -> QuantizedWeight:
+                  block: int = BLOCK, exact_group: bool = False, act_order: bool = False,
+                  refit: int = 0) -> QuantizedWeight:
     """Quantize a dense weight [..., N, K] with GPTQ's error feedback.
 
     Args:
@@ -68,6 +70,14 @@ def gptq_quantize(w: Any, gram: Any, scheme: str | QuantScheme, *, damp: float =
       block: columns per lazily-updated block (rounded to a multiple of the group size).
       exact_group: refuse a group size that does not divide K (else the largest smaller
         supported one that does is used, as in `quantize_array`).
+      act_order: sweep the input columns in decreasing diag H (the most active inputs
+        first, their error moved onto the less active ones), with every group's grid chosen
+        before the sweep from the original weights ("static groups"), so groups stay
+        contiguous and the format is unchanged.
+      refit: rounds of grid refitting after the sweep. Each round fits every group's
+        (scale, offset) to its codes by least squares under H (the layer's output error
+        with the codes held, `refit_grids`); all but the last then sweep again with the
+        refitted grids held, giving new codes. 0: the sweep's own grids.
 
     Returns:
       A `QuantizedWeight` of numpy arrays (scale, offset float32), as `quantize_array`
@@ -90,9 +100,9 @@ def gptq_quantize(w: Any, gram: Any, scheme: str | QuantScheme, *, damp: float =
                           f"{(*lead, K, K)} for the weight {w.shape}")
     if not np.isfinite(w).all() or not np.isfinite(gram).all():
         raise ConfigError("gptq_quantize: the weight and the gram matrix must be finite")
-    if not damp >= 0 or block < 1:
-        raise ConfigError(f"gptq_quantize: damp must be >= 0 and block >= 1, got "
-                          f"damp={damp}, block={block}")
+    if not damp >= 0 or block < 1 or refit < 0:
+        raise ConfigError(f"gptq_quantize: damp must be >= 0, block >= 1 and refit >= 0, "
+                          f"got damp={damp}, block={block}, refit={refit}")
     if exact_group and K % scheme.group_size:
         raise ConfigError(f"group size {scheme.group_size} does not divide K={K}")
     g = group_size_for(K, scheme.group_size)
@@ -100,7 +110,8 @@ def gptq_quantize(w: Any, gram: Any, scheme: str | QuantScheme, *, damp: float =
     batch = int(np.prod(lead, dtype=np.int64))
     w3, h3 = w.reshape(batch, N, K), gram.reshape(batch, K, K)
     chunk = max(1, CHUNK_BYTES // (K * K * 8))
-    parts = [_gptq(w3[i:i + chunk], h3[i:i + chunk].astype(np.float64), scheme, g, damp, block)
+    parts = [_gptq_refit(w3[i:i + chunk], h3[i:i + chunk].astype(np.float64), scheme, g,
+                         damp, block, act_order, refit)
              for i in range(0, batch, chunk)]
     q, scale, offset = (np.concatenate(xs) if xs[0] is not None else None
                         for xs in zip(*parts, strict=True))
@@ -153,41 +164,82 @@ def _inverse_cholesky(h: jax.Array) -> jax.Array:
     return inverse[..., ::-1, ::-1]
 
 
+def _gptq_refit(w: np.ndarray, gram: np.ndarray, scheme: QuantScheme, g: int, damp: float,
+                block: int, act_order: bool, refit: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The sweep, then `refit` rounds of grid refitting (each but the last followed by a
+    sweep under the refitted grids): (q int8 [B, N, K], scale [B, N, G], offset or None)."""
+    half = 2 ** (scheme.bits - 1)
+    shift = 0 if scheme.symmetric else half
+    q, scales, lows = _gptq(w, gram, scheme, g, damp, block, act_order=act_order)
+    for round_ in range(refit):
+        scales, lows = refit_grids(w, q + shift, scales, lows, gram, g,
+                                   symmetric=scheme.symmetric, damp=damp)
+        if round_ + 1 < refit:
+            q, scales, lows = _gptq(w, gram, scheme, g, damp, block, act_order=act_order,
+                                    grids=(scales, lows))
+    offset = None if scheme.symmetric else (lows + np.float32(half) * scales).astype(np.float32)
+    return q, scales, offset
+
+
 def _gptq(w: np.ndarray, gram: np.ndarray, scheme: QuantScheme, g: int, damp: float,
-          block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+          block: int, *, act_order: bool = False,
+          grids: tuple[np.ndarray, np.ndarray] | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of w [B, N, K] float32 under gram [B, K, K]: (q int8 [B, N, K], scale [B, N, G],
-    offset [B, N, G] or None), all float32 but q. Works on the transpose [B, K, N] so that a
-    column is a contiguous row."""
+    low [B, N, G]) with a weight dequantized as (q + shift) * scale + low (shift 0 when
+    symmetric, else 2^(bits-1)). Works on the transpose [B, K, N] so that a column is a
+    contiguous row. `grids` (scale, low [B, N, G]) holds every group's grid fixed; with
+    `act_order` and no grids, the static grids come from the original weights."""
     from jaxinfer.quant.quantize import importance_weights
 
     start = time.perf_counter()
     B, N, K = w.shape
-    U = inverse_cholesky(gram, damp)
+    G = K // g
+    diag = np.diagonal(gram, axis1=-2, axis2=-1)
     # The mse search weighs each input feature by its share of diag H (the activation-aware
     # weights, `quantize.importance_weights`).
-    weights = importance_weights(np.diagonal(gram, axis1=-2, axis2=-1))  # [B, K]
+    weights = importance_weights(diag)  # [B, K]
     half = 2 ** (scheme.bits - 1)
     shift = 0 if scheme.symmetric else half
-    W = np.ascontiguousarray(np.swapaxes(w, -1, -2))  # [B, K, N]
+    lo_code, hi_code = _code_range(scheme)
+    static = grids is not None or act_order
+    if static and grids is None:
+        grids = _static_grids(w, weights, scheme, g)
+    if act_order:  # the most active inputs first (stable: ties keep their order)
+        perm = np.argsort(-diag, axis=-1, kind="stable")
+    else:
+        perm = np.broadcast_to(np.arange(K), (B, K))
+    rows = np.arange(B)[:, None]
+    U = inverse_cholesky(gram[rows[:, :, None], perm[:, :, None], perm[:, None, :]], damp)
+    W = np.ascontiguousarray(np.swapaxes(w, -1, -2)[rows, perm])  # [B, K, N], sweep order
     Q = np.empty((B, K, N), np.int8)
-    G = K // g
-    scales = np.empty((B, G, N), np.float32)
-    lows = np.empty((B, G, N), np.float32)
+    if static:
+        scales = np.ascontiguousarray(np.swapaxes(grids[0], -1, -2), np.float32)  # [B, G, N]
+        lows = np.ascontiguousarray(np.swapaxes(grids[1], -1, -2), np.float32)
+        invs = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
+        groups = perm // g  # [B, K]: each swept column's group
+        bi = np.arange(B)
+    else:
+        scales = np.empty((B, G, N), np.float32)
+        lows = np.empty((B, G, N), np.float32)
     sub = SUB_BLOCK if g % SUB_BLOCK == 0 else g
     scale = low = inv = None
-    lo_code = hi_code = 0
     for b1 in range(0, K, block):
         b2 = min(b1 + block, K)
         E = np.empty((B, b2 - b1, N), np.float32)  # the block's scaled errors
         for s1 in range(b1, b2, sub):
             s2 = min(s1 + sub, b2)
-            if s1 % g == 0:  # a new group: its grid from its current weights
+            if not static and s1 % g == 0:  # a new group: its grid from its current weights
                 group = s1 // g
                 scale, low, lo_code, hi_code = _group_grid(
                     np.swapaxes(W[:, s1:s1 + g], -1, -2), weights[:, s1:s1 + g], scheme)
                 scales[:, group], lows[:, group] = scale, low
                 inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
             for j in range(s1, s2):
+                if static:
+                    scale, low = scales[bi, groups[:, j]], lows[bi, groups[:, j]]
+                    inv = invs[bi, groups[:, j]]
                 col = W[:, j]
                 u = np.clip(np.rint((col - low) * inv), lo_code, hi_code)
                 Q[:, j] = u - shift
@@ -199,10 +251,129 @@ def _gptq(w: np.ndarray, gram: np.ndarray, scheme: QuantScheme, g: int, damp: fl
                 W[:, s2:b2] -= np.swapaxes(U[:, s1:s2, s2:b2], -1, -2) @ E[:, s1 - b1:s2 - b1]
         if b2 < K:  # the block's errors onto the rest of the weight
             W[:, b2:] -= np.swapaxes(U[:, b1:b2, b2:], -1, -2) @ E
-    Q, scales, lows = (np.ascontiguousarray(np.swapaxes(a, -1, -2)) for a in (Q, scales, lows))
-    offset = None if scheme.symmetric else (lows + np.float32(half) * scales).astype(np.float32)
+    codes = np.empty_like(Q)
+    codes[rows, perm] = Q  # back to the input order
+    codes, scales, lows = (np.ascontiguousarray(np.swapaxes(a, -1, -2))
+                           for a in (codes, scales, lows))
     log.debug("gptq %s: %.1f s", w.shape, time.perf_counter() - start)
-    return Q, scales, offset
+    return codes, scales, lows
+
+
+def _code_range(scheme: QuantScheme) -> tuple[int, int]:
+    """The unsigned code range u of the scheme's grids (symmetric rtn keeps the codes
+    symmetric, [-qmax, qmax]; the search uses all 2^bits codes)."""
+    half = 2 ** (scheme.bits - 1)
+    if not scheme.symmetric:
+        return 0, 2 * half - 1
+    return (-half, half - 1) if scheme.method == "mse" else (-(half - 1), half - 1)
+
+
+def _static_grids(w: np.ndarray, weights: np.ndarray, scheme: QuantScheme, g: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Every group's grid (scale, low [B, N, G]) from the original weights w [B, N, K]."""
+    B, N, K = w.shape
+    parts = [_group_grid(w[:, :, k:k + g], weights[:, k:k + g], scheme)[:2]
+             for k in range(0, K, g)]
+    return (np.stack([p[0] for p in parts], -1).astype(np.float32),
+            np.stack([p[1] for p in parts], -1).astype(np.float32))
+
+
+def refit_grids(w: Any, codes: Any, scale: Any, low: Any, gram: Any, g: int, *,
+                symmetric: bool, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's group grids refitted to fixed codes under H: (scale, low [B, N, G]).
+
+    For a row w [K] with unsigned codes u [K] (symmetric: the signed codes) and grids
+    (s_a, l_a) per group a, the dequantized row is u_k s_a(k) + l_a(k), linear in the 2G
+    grid values. The least-squares fit under the output error (w - w^)^T H (w - w^), H
+    dampened as in the sweep, solves a 2G x 2G system per row (G x G when symmetric: low
+    stays 0). A row whose solution is not finite, or whose output error it does not lower,
+    keeps its grid, so the output error never rises.
+
+    Args:
+      w: the original weights [B, N, K]; codes: [B, N, K] (unsigned for asymmetric grids);
+      scale, low: the current grids [B, N, G]; gram: H [B, K, K]; g: the group size.
+    """
+    w, codes = np.asarray(w, np.float32), np.asarray(codes, np.float32)
+    h = np.asarray(gram, np.float64)
+    K = h.shape[-1]
+    diag = np.diagonal(h, axis1=-2, axis2=-1)
+    alive = diag > 0
+    mean = np.where(alive, diag, 0.0).sum(-1) / np.maximum(alive.sum(-1), 1)
+    h = h + (damp * mean)[:, None, None] * np.eye(K)
+    scale, low = np.asarray(scale, np.float32), np.asarray(low, np.float32)
+    hj = jnp.asarray(h, jnp.float32)
+    M, r = _refit_system(jnp.asarray(w), jnp.asarray(codes), hj, g=g, symmetric=symmetric)
+    M, r = np.asarray(M, np.float64), np.asarray(r, np.float64)
+    G = K // g
+    ridge = 1e-9 * np.trace(M, axis1=-2, axis2=-1)[..., None, None] / M.shape[-1]
+    with np.errstate(all="ignore"):
+        try:
+            theta = np.linalg.solve(M + ridge * np.eye(M.shape[-1]), r[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a singular row somewhere: solve row by row
+            pairs = zip(M.reshape(-1, *M.shape[-2:]), r.reshape(-1, r.shape[-1]), strict=True)
+            theta = np.stack([_solve_or_nan(m, v) for m, v in pairs]).reshape(r.shape)
+    ok = np.isfinite(theta).all(-1, keepdims=True)
+    new_scale = np.where(ok, theta[..., :G], scale).astype(np.float32)
+    new_low = low if symmetric else np.where(ok, theta[..., G:], low).astype(np.float32)
+    old_err = _row_errors(jnp.asarray(w), jnp.asarray(codes), jnp.asarray(scale),
+                          jnp.asarray(low), hj, g=g)
+    new_err = _row_errors(jnp.asarray(w), jnp.asarray(codes), jnp.asarray(new_scale),
+                          jnp.asarray(new_low), hj, g=g)
+    better = np.asarray(new_err < old_err)[..., None]
+    return np.where(better, new_scale, scale), np.where(better, new_low, low)
+
+
+def _solve_or_nan(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(m, v)
+    except np.linalg.LinAlgError:
+        return np.full_like(v, np.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("g", "symmetric"))
+def _refit_system(w: jax.Array, u: jax.Array, h: jax.Array, *, g: int, symmetric: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The normal equations (M [B, N, P, P], r [B, N, P]) of each row's grid values
+    (P = G scales, then G lows unless symmetric) for codes u under H, one matrix at a
+    time."""
+    hp = jax.lax.Precision.HIGHEST
+
+    def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        w, u, h = args  # [N, K], [N, K], [K, K]
+        N, K = w.shape
+        G = K // g
+        hb = h.reshape(K, G, g)
+        ug = u.reshape(N, G, g)
+        # V[n, k, c] = sum_{j in group c} H[k, j] u[n, j]
+        V = jnp.einsum("kcj,ncj->nkc", hb, ug, precision=hp).reshape(N, G, g, G)
+        S = jnp.einsum("nai,naic->nac", ug, V, precision=hp)  # u_a^T H_ac u_c
+        hw = jnp.einsum("kj,nj->nk", h, w, precision=hp).reshape(N, G, g)
+        r_s = (ug * hw).sum(-1)
+        if symmetric:
+            return S, r_s
+        Hs = hb.sum(-1).reshape(G, g, G)  # sum_{j in group c} H[k, j], k by group
+        C = jnp.einsum("nai,aic->nac", ug, Hs, precision=hp)  # u_a^T H_ac 1
+        O = jnp.broadcast_to(Hs.sum(1)[None], (N, G, G))  # 1^T H_ac 1
+        M = jnp.concatenate([jnp.concatenate([S, C], -1),
+                             jnp.concatenate([jnp.swapaxes(C, -1, -2), O], -1)], -2)
+        return M, jnp.concatenate([r_s, hw.sum(-1)], -1)
+
+    return jax.lax.map(one, (w, u, h))
+
+
+@functools.partial(jax.jit, static_argnames=("g",))
+def _row_errors(w: jax.Array, u: jax.Array, scale: jax.Array, low: jax.Array, h: jax.Array,
+                *, g: int) -> jax.Array:
+    """Each row's output error (w - w^)^T H (w - w^) [B, N] for codes u and grids."""
+    hp = jax.lax.Precision.HIGHEST
+
+    def one(args: tuple[jax.Array, ...]) -> jax.Array:
+        w, u, scale, low, h = args
+        d = w - (u * jnp.repeat(scale, g, -1) + jnp.repeat(low, g, -1))
+        return jnp.einsum("nk,nk->n", jnp.einsum("nj,kj->nk", d, h, precision=hp), d,
+                          precision=hp)
+
+    return jax.lax.map(one, (w, u, scale, low, h))
 
 
 def _group_grid(w: np.ndarray, weights: np.ndarray, scheme: QuantScheme

@@ -248,7 +248,8 @@ def importance_weights(stats: Any) -> np.ndarray:
 
 def quantize_params(params: Params, scheme: str | QuantScheme,
                     importance: dict[str, Any] | None = None,
-                    grams: dict[str, Any] | None = None) -> Params:
+                    grams: dict[str, Any] | None = None, *, act_order: bool = False,
+                    refit: int = 0, damp: float | None = None) -> Params:
     """Quantize the projection weights, the embedding and the LM head of `params` (the
     latter two with `scheme.head`: 8 bits unless the scheme says `-head4`).
 
@@ -257,7 +258,9 @@ def quantize_params(params: Params, scheme: str | QuantScheme,
     weight's error by its input feature's share (activation-aware). `grams`: optional
     {field: E[x x^T] [L, K, K]} (`calibrate.activation_grams`); the fields it names are
     quantized by GPTQ (`jaxinfer.quant.gptq.gptq_quantize`, the scheme's method choosing each
-    group's grid, weighted by diag H; `importance` is then not used for them). Leaves already
+    group's grid, weighted by diag H; `importance` is then not used for them), with GPTQ's
+    `act_order`, `refit` and `damp` options (see `gptq_quantize`; damp None: its default).
+    Leaves already
     quantized are kept as they are; norms and biases stay dense.
     """
     from jaxinfer.quant.gptq import gptq_quantize
@@ -269,6 +272,7 @@ def quantize_params(params: Params, scheme: str | QuantScheme,
     if unknown:
         raise ConfigError(f"grams for {sorted(unknown)}: GPTQ quantizes only the layer "
                           f"projections {QUANTIZED_LAYER_FIELDS}")
+    damping = {} if damp is None else {"damp": damp}
     layers = params.layers
     updates = {}
     for name in QUANTIZED_LAYER_FIELDS:
@@ -277,7 +281,8 @@ def quantize_params(params: Params, scheme: str | QuantScheme,
             continue
         if name in grams:
             updates[name] = _to_device(gptq_quantize(np.asarray(jax.device_get(value)),
-                                                     grams[name], scheme))
+                                                     grams[name], scheme, act_order=act_order,
+                                                     refit=refit, **damping))
         else:
             stats = importance.get(name)
             weights = None if stats is None else importance_weights(stats)
