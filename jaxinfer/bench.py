@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.cache.paged import kv_bytes_per_token
 from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConfigError
 from jaxinfer.model.params import param_bytes
 from jaxinfer.roofline import (  # the cost model and peaks (bench_serve takes them here)
     attention_flops,
@@ -193,6 +194,51 @@ class HFSystem:
                 "wall_s": time.perf_counter() - start, "tokens": tokens, "cached_tokens": 0}
 
 
+class LlamaCppSystem:
+    """llama.cpp (through `llama-cpp-python`) on the same GGUF file, its blocks as stored:
+    the int4 peer of the `single` workload. Greedy (top-k 1), every core, one sequence."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_path: str, context: int = 1024):
+        llama_cpp = import_llama_cpp()
+        if not model_path.endswith(".gguf"):
+            raise ConfigError(f"--compare llamacpp reads a .gguf file; {model_path!r} is not "
+                              "one (pass --model FILE.gguf)")
+        threads = os.cpu_count() or 1
+        self.model = llama_cpp.Llama(model_path=model_path, n_ctx=context, n_batch=512,
+                                     n_threads=threads, n_threads_batch=threads,
+                                     verbose=False)
+        self.version = llama_cpp.__version__
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+        if len(prompts) != 1:
+            raise ConfigError("the llama.cpp peer runs the single workload (one sequence)")
+        self.model.reset()  # no KV reuse between repetitions
+        start = time.perf_counter()
+        tokens: list[int] = []
+        ttft = 0.0
+        for token in self.model.generate(prompts[0], top_k=1, temp=0.0, reset=True):
+            if not tokens:
+                ttft = time.perf_counter() - start
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
+                break
+        total = time.perf_counter() - start
+        return {"ttft_s": ttft, "decode_s": total - ttft, "wall_s": total, "tokens": [tokens]}
+
+
+def import_llama_cpp() -> Any:
+    """The `llama_cpp` module, or a ConfigError saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConfigError("--compare llamacpp needs llama-cpp-python, which is not installed; "
+                          "`pip install llama-cpp-python` compiles llama.cpp from source "
+                          "(about 8 minutes on 2 cores)") from None
+    return llama_cpp
+
+
 # ------------------------------------------------------------------ driver
 def _median_run(system: Any, prompts: list[list[int]], new_tokens: int,
                 repeats: int) -> dict[str, float]:
@@ -220,6 +266,11 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
     """
     from jaxinfer.llm import LLM
 
+    if options.compare == "llamacpp":  # fail before anything loads
+        if options.workload != "single":
+            raise ConfigError(f"--compare llamacpp runs the single workload, not "
+                              f"{options.workload!r} (use --compare hf for the others)")
+        import_llama_cpp()
     ours = JaxinferSystem(options)
     cfg = ours.cfg
     prompts, new_tokens = workload_inputs(options.workload)
@@ -240,6 +291,10 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
         from jaxinfer.weights.loader import resolve_model_path
 
         systems.append(HFSystem(str(resolve_model_path(options.model))))
+    elif options.compare == "llamacpp":
+        from jaxinfer.weights.loader import resolve_model_path
+
+        systems.append(LlamaCppSystem(str(resolve_model_path(options.model))))
     records = []
     for system in systems:
         r = _median_run(system, prompts, new_tokens, options.repeats)
@@ -271,7 +326,8 @@ def run_benchmark(options: BenchOptions) -> list[dict[str, Any]]:
     key = "decode_tok_s" if options.workload == "single" else "gen_tok_s"
     first = records[0]
     for other in records[1:]:
-        label = "vs_hf" if other["system"] == HFSystem.name else "vs_no_prefix_cache"
+        label = {HFSystem.name: "vs_hf", LlamaCppSystem.name: "vs_llamacpp"}.get(
+            other["system"], "vs_no_prefix_cache")
         first[label] = {key: round(first[key] / other[key], 2),
                         "token_agreement": _token_agreement(first["_tokens"], other["_tokens"])}
         if options.workload == "single":

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run a benchmark workload and print JSON lines",
         description="Benchmark workloads of BENCHMARKS.md. Prints one JSON object per result, "
                     "including the machine's measured bandwidth and FLOP/s and, with "
-                    "--compare hf, the Hugging Face transformers peer run in the same process.")
+                    "--compare, a peer (transformers or llama.cpp) run in the same process.")
     _add_model_args(bench)
     bench.add_argument("--workload", default="single",
                        choices=["single", "batch", "shared_prefix", "serve"],
@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve stall experiment: tokens each short request decodes "
                             "(default 128; enough to outlive the long prompts' prefill "
                             "makes every step of it count)")
-    bench.add_argument("--compare", default=None, choices=["hf"],
-                       help="also run Hugging Face transformers (torch) on the same model")
+    bench.add_argument("--compare", default=None, choices=["hf", "llamacpp"],
+                       help="also run a peer on the same model: hf, Hugging Face transformers "
+                            "(torch, float32); llamacpp, llama.cpp on the GGUF file's own "
+                            "quantized blocks (single workload; needs llama-cpp-python)")
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed repetitions after warm-up; the best is reported")
     bench.add_argument("--output", default=None, help="also append the JSON lines to this file")

@@ -86,3 +86,31 @@ def test_median_run_reports_the_median_and_takes_peers_without_cache_counts():
 
     result = bench._median_run(Peer(), [[5]], 2, repeats=3)
     assert result["wall_s"] == 2.0 and result["cached_tokens"] == 0
+
+
+def test_llamacpp_peer_refuses_what_it_cannot_run(monkeypatch):
+    """`--compare llamacpp` is checked before anything loads: the single workload only, and
+    a missing llama-cpp-python names the install command."""
+    from jaxinfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="single workload"):
+        bench.run_benchmark(bench.BenchOptions(workload="batch", compare="llamacpp"))
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # not importable
+    with pytest.raises(ConfigError, match="pip install llama-cpp-python"):
+        bench.run_benchmark(bench.BenchOptions(workload="single", compare="llamacpp"))
+
+
+def test_llamacpp_peer_generates_our_greedy_tokens():
+    """Where llama-cpp-python is installed (it compiles llama.cpp from source, so CI does
+    not install it): llama.cpp greedy-decoding the SmolLM2 Q4_1 file gives the tokens our
+    engine gives on the same file kept quantized, an independent oracle for the GGUF path."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional peer")
+    import jaxinfer
+    from jaxinfer.weights.loader import default_model_path
+
+    prompt = bench.random_prompt(3, 32)
+    peer = bench.LlamaCppSystem(str(default_model_path()), context=128).run([prompt], 16)
+    ours = bench.JaxinferSystem(bench.BenchOptions(), llm=jaxinfer.load(
+        quantize="gguf", progress=False, max_model_len=128)).run([prompt], 16)
+    assert peer["tokens"][0][:8] == ours["tokens"][0][:8]
+    assert peer["ttft_s"] > 0 and peer["decode_s"] > 0
