@@ -103,9 +103,9 @@ def causal_prefill(
     are processed in blocks of `block`, each against the keys up to its own last position
     only (the causal triangle, never the whole square), so the probabilities never exist
     whole. Scores are laid out [S, K, t, G, n], q's own order, so the dots need no
-    transpose. At 4096 tokens on 2 CPU cores this costs 0.40 s per layer without `col_all`
-    and 0.53 s with it (the dense 1024-query blocks it replaced: 3.1 s;
-    docs/kv_compression.md).
+    transpose. At 4096 tokens on 2 CPU cores this costs 0.33-0.40 s per layer, about the same
+    with `col_all` since its column sums became a matmul (0.53 s before; the dense
+    1024-query blocks this replaced: 3.1 s; docs/kv_compression.md).
 
     Args:
       col_all: compute H2O's accumulated attention (a reduction over every query's
@@ -132,7 +132,15 @@ def causal_prefill(
         p = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)
         outs.append(jnp.einsum("sktgn,snke->sktge", p, vf[:, :stop]))
         if col_all:
-            col = col.at[:, :, :stop].add(p.sum(axis=(2, 3)))
+            # Column sums as a matmul with ones: XLA:CPU then keeps p materialized for both
+            # dots instead of re-running the softmax inside a separate reduction (4096
+            # tokens: ~+0.01 s per layer instead of +0.07-0.1 s; `scripts/bench_kv.py --only
+            # prefill`). HIGHEST keeps f32 sums where TF32 is the default.
+            t = stop - start
+            ones = jnp.ones((S * K, 1, t * G), jnp.float32)
+            sums = jax.lax.batch_matmul(ones, p.reshape(S * K, t * G, stop),
+                                        precision=jax.lax.Precision.HIGHEST)
+            col = col.at[:, :, :stop].add(sums.reshape(S, K, stop))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     out = jnp.transpose(out, (0, 2, 1, 3, 4)).astype(q.dtype)
     key_pos = jnp.arange(T)

@@ -87,15 +87,41 @@ def _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, weight, threshold):
         jnp.arange(S)[:, None, None], jnp.arange(K)[None, :, None], idx].set(kept)
     dropped = valid[:, None, :] & ~is_kept  # [S, K, T]
     unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
-    sim = jnp.einsum("stke,snke->sktn", unit(k.astype(jnp.float32)),
-                     unit(ks.astype(jnp.float32)))  # [S, K, T, n]
-    sim = jnp.where(kept[:, :, None, :], sim, -INF)
-    target = jnp.argmax(sim, axis=-1)  # [S, K, T]
-    w_drop = jnp.where(dropped & (jnp.max(sim, axis=-1) >= threshold), weight, 0.0)
+    # Only dropped tokens need a match, and a sequence drops at most T - n of them (it keeps
+    # min(length, n) of its length tokens): compact them to D = T - n rows per head. Then
+    # each one's best kept match, 256 at a time: the [S, K, 256, n] similarities stay in
+    # cache between the dot and the two reductions over them, and the first maximum is a
+    # float max then a boolean argmax (XLA:CPU's float argmax is a slow variadic reduce).
+    # At T=4096, n=1024: 22 ms per layer, against 68 ms for the whole [S, K, T, n] matrix
+    # with a float argmax.
+    D = T - n
+    si, ki = jnp.arange(S)[:, None, None], jnp.arange(K)[None, :, None]
+    slot = jnp.where(dropped, jnp.cumsum(dropped, axis=-1) - 1, D)  # [S, K, T]
+    order = jnp.zeros((S, K, D), jnp.int32).at[si, ki, slot].set(
+        jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (S, K, T)), mode="drop")
+    is_drop = jnp.arange(D)[None, None, :] < dropped.sum(-1, keepdims=True)
+    kd = jnp.take_along_axis(jnp.swapaxes(k, 1, 2), order[..., None], axis=2)  # [S, K, D, E]
+    ku = unit(kd.astype(jnp.float32))
+    ku_kept = jnp.swapaxes(unit(ks.astype(jnp.float32)), 1, 2)  # [S, K, n, E]
+    C = min(256, D)
+    Dp = -(-D // C) * C
+    chunks = jnp.pad(ku, [(0, 0), (0, 0), (0, Dp - D), (0, 0)]).reshape(S, K, Dp // C, C, E)
+
+    def match(kc: jax.Array) -> tuple[jax.Array, jax.Array]:  # [S, K, C, E]
+        sim = jnp.einsum("skce,skne->skcn", kc, ku_kept)
+        sim = jnp.where(kept[:, :, None, :], sim, -INF)
+        top = jnp.max(sim, axis=-1, keepdims=True)
+        return top[..., 0], jnp.argmax(sim == top, axis=-1)
+
+    top, target = jax.lax.map(match, jnp.moveaxis(chunks, 2, 0))  # [Dp/C, S, K, C]
+    best = jnp.moveaxis(top, 0, 2).reshape(S, K, Dp)[..., :D]
+    target = jnp.moveaxis(target, 0, 2).reshape(S, K, Dp)[..., :D]
+    w_drop = jnp.where(is_drop & (best >= threshold),
+                       jnp.take_along_axis(weight, order, axis=-1), 0.0)  # [S, K, D]
     # Scatter-add each dropped token into its target slot (a one-hot [S, K, T, n] matrix
     # and a dot cost 4x as much: 119 -> 30 ms per layer at T=4096, n=1024).
-    si, ki = jnp.arange(S)[:, None, None], jnp.arange(K)[None, :, None]
-    wv = w_drop[..., None] * jnp.swapaxes(v.astype(jnp.float32), 1, 2)  # [S, K, T, E]
+    vd = jnp.take_along_axis(jnp.swapaxes(v, 1, 2), order[..., None], axis=2)
+    wv = w_drop[..., None] * vd.astype(jnp.float32)  # [S, K, D, E]
     add_v = jnp.zeros((S, K, n, E), jnp.float32).at[si, ki, target].add(wv)
     add_v = jnp.swapaxes(add_v, 1, 2)  # [S, n, K, E]
     added = jnp.swapaxes(jnp.zeros((S, K, n), jnp.float32).at[si, ki, target].add(w_drop),

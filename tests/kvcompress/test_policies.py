@@ -300,3 +300,44 @@ def test_prefill_statistics_against_numpy():
                                    atol=1e-5)
         np.testing.assert_array_equal(np.asarray(st.col_hits)[s, :, :n], hits)
         assert not np.asarray(st.col_all)[s, :, n:].any()
+
+
+@pytest.mark.parametrize("T", [300, 64])
+def test_merge_matches_a_float64_loop(T):
+    """D2O's prefill merge (chunked similarity search) against a per-token loop in float64:
+    a ragged batch, T not a multiple of the 256-token chunk, some tokens merged and some
+    below the threshold dropped."""
+    from jaxinfer.kvcompress.slots import select_prefill
+
+    rng = np.random.default_rng(7)
+    S, K, E, budget, thr = 2, 2, 8, 24, 0.3
+    lengths = np.array([T, T - 23])
+    k = rng.standard_normal((S, T, K, E)).astype(np.float32)
+    v = rng.standard_normal((S, T, K, E)).astype(np.float32)
+    score = rng.random((S, K, T)).astype(np.float32) + 0.1
+    got = select_prefill(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
+                         jnp.asarray(score), budget, merge=True, merge_threshold=thr)
+    merged = 0
+    for s in range(S):
+        for h in range(K):
+            n = int(lengths[s])
+            kept = np.argsort(-score[s, h, :n], kind="stable")[:budget]
+            unit = lambda a: a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+            kk = unit(k[s, kept, h].astype(np.float64))
+            w = score[s, h].astype(np.float64)
+            acc_v = v[s, kept, h].astype(np.float64) * w[kept, None]
+            acc_w = w[kept].copy()
+            for t in sorted(set(range(n)) - set(kept.tolist())):
+                sim = kk @ unit(k[s, t, h].astype(np.float64))
+                if sim.max() >= thr:
+                    j = int(np.argmax(sim))
+                    acc_v[j] += w[t] * v[s, t, h]
+                    acc_w[j] += w[t]
+                    merged += 1
+            np.testing.assert_array_equal(np.asarray(got.pos[s, :budget, h]), kept)
+            np.testing.assert_allclose(np.asarray(got.k[s, :budget, h]), k[s, kept, h])
+            np.testing.assert_allclose(np.asarray(got.v[s, :budget, h]),
+                                       acc_v / acc_w[:, None], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(got.mult[s, :budget, h]),
+                                       acc_w / w[kept], rtol=1e-4)
+    assert merged > 0
