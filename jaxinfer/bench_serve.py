@@ -90,6 +90,10 @@ class ServeBenchOptions:
       stall_trigger_tokens: tokens every short request has streamed before the first long
         prompt is sent (the end of the quiet window).
       stall_long_spacing_tokens: further short-request tokens between two long prompts.
+      stall_control: also run the short requests alone on the same engine and compare each
+        busy-window gap with the same request's gap at the same token in that run
+        (`tpot_p99_rise_vs_control`): the rise the long prompts cause, apart from the
+        shorts' own growing context, which the quiet window (their first tokens) lacks.
       peaks: measure the machine's bandwidth / FLOP peaks and report them (and
         `compute_util` for the sweep).
       output: file to append the JSON lines to.
@@ -122,6 +126,7 @@ class ServeBenchOptions:
     stall_long_new_tokens: int = 4
     stall_trigger_tokens: int = 32
     stall_long_spacing_tokens: int = 8
+    stall_control: bool = True
     peaks: bool = True
     output: str | None = None
     progress: bool = True
@@ -487,7 +492,34 @@ def _window_gaps(streams: Sequence[_Stream], start: float, end: float) -> list[f
     return [gap for r in streams for at, gap in r.gaps() if start < at <= end]
 
 
-def _summarize_stall(shorts: list[_Stream], longs: list[_Stream]) -> dict[str, Any]:
+def _window_gap_index(streams: Sequence[_Stream], start: float, end: float
+                      ) -> list[tuple[int, int]]:
+    """(stream, gap number) of the gaps `_window_gaps` returns, in the same order."""
+    return [(i, j) for i, r in enumerate(streams) for j, (at, _) in enumerate(r.gaps())
+            if start < at <= end]
+
+
+def _control_fields(shorts: list[_Stream], control: list[_Stream], start: float,
+                    end: float) -> dict[str, Any]:
+    """The busy window's gaps against the same requests' gaps at the same tokens when they
+    ran alone (same prompts, greedy, so the same tokens and chunks)."""
+    busy, ctrl = [], []
+    for i, j in _window_gap_index(shorts, start, end):
+        gaps = control[i].gaps()
+        if j < len(gaps):
+            busy.append(shorts[i].gaps()[j][1])
+            ctrl.append(gaps[j][1])
+    if not busy:
+        return {"control_gaps": 0}
+    busy_p99, ctrl_p99 = _pct(busy, 99), _pct(ctrl, 99)
+    return {"control_gaps": len(ctrl), "control_itl_p50_s": _r(_pct(ctrl, 50)),
+            "control_itl_p99_s": _r(ctrl_p99),
+            "tpot_p99_rise_vs_control": _r(busy_p99 / ctrl_p99, 2) if ctrl_p99 > 0 else None,
+            "tpot_p50_rise_vs_control": _r(_pct(busy, 50) / _pct(ctrl, 50), 2)}
+
+
+def _summarize_stall(shorts: list[_Stream], longs: list[_Stream],
+                     control: list[_Stream] | None = None) -> dict[str, Any]:
     errors = [r.error for r in shorts + longs if r.error is not None]
     quiet_start = max(r.chunk_s[0] for r in shorts if r.chunk_s)
     sent = [r.send_s for r in longs if math.isfinite(r.send_s)]
@@ -511,6 +543,7 @@ def _summarize_stall(shorts: list[_Stream], longs: list[_Stream]) -> dict[str, A
         "shorts_outlived_window": all(r.chunk_s and r.chunk_s[-1] >= busy_end
                                       for r in shorts),
         "errors": len(errors), "first_error": errors[0] if errors else None,
+        **(_control_fields(shorts, control, quiet_end, busy_end) if control else {}),
     }
 
 
@@ -520,7 +553,8 @@ def _run_stall(options: ServeBenchOptions, loaded: Any, base: dict[str, Any],
     warm_shorts, warm_longs = stall_prompts(options, seed_base=5000)
     records = {}
     context = loaded.cfg.max_position_embeddings
-    with tqdm(total=4, desc="serve_stall", unit="phase", file=sys.stderr,
+    phases = 6 if options.stall_control else 4
+    with tqdm(total=phases, desc="serve_stall", unit="phase", file=sys.stderr,
               disable=not options.progress, leave=False) as bar:
         for chunked in (True, False):
             config = _stall_config(options, chunked, context)
@@ -534,6 +568,13 @@ def _run_stall(options: ServeBenchOptions, loaded: Any, base: dict[str, Any],
                         _stall_scenario(url, shorts, longs, options)),
                     options.max_attempts)
                 bar.update(1)
+                control = None
+                if options.stall_control:
+                    control, _ = served.timed(
+                        lambda url=served.url: asyncio.run(
+                            _stall_scenario(url, shorts, [], options))[0],
+                        options.max_attempts)
+                    bar.update(1)
             finally:
                 served.close()
             record = {**base, "chunked_prefill": chunked,
@@ -542,7 +583,7 @@ def _run_stall(options: ServeBenchOptions, loaded: Any, base: dict[str, Any],
                       "short_prompt_len": options.stall_short_prompt_len,
                       "short_new_tokens": options.stall_short_new_tokens,
                       "long_prompt_lens": [len(p) for p in longs],
-                      **_summarize_stall(short_results, long_results),
+                      **_summarize_stall(short_results, long_results, control),
                       **compiled}
             records[chunked] = record
     on, off = records[True], records[False]

@@ -114,3 +114,35 @@ def test_llamacpp_peer_generates_our_greedy_tokens():
         quantize="gguf", progress=False, max_model_len=128)).run([prompt], 16)
     assert peer["tokens"][0][:8] == ours["tokens"][0][:8]
     assert peer["ttft_s"] > 0 and peer["decode_s"] > 0
+
+
+def test_stall_summary_compares_busy_gaps_with_the_same_tokens_alone():
+    """The stall experiment's control: each busy-window gap is set against the same
+    request's gap at the same token when the shorts ran alone, so a rise that comes from
+    the shorts' own growing context is not charged to the long prompts."""
+    S = bench_serve._Stream
+    # Two shorts whose gaps grow with their context (0.1 s, 0.2 s, ... alone); with long
+    # prompts around, gaps 2-4 (arriving in the busy window (1.0, 2.0]) are 1.5x longer.
+    control = [S(send_s=0.0, chunk_s=[0.1 * k * (k + 1) / 2 for k in range(6)])
+               for _ in range(2)]
+    shorts = []
+    for _ in range(2):
+        t, chunks = 0.0, [0.0]
+        for k in range(1, 6):
+            t += 0.1 * k * (1.5 if 2 <= k - 1 <= 4 else 1.0)
+            chunks.append(t)
+        shorts.append(S(send_s=0.0, chunk_s=chunks))
+    busy_at = [at for at, _ in shorts[0].gaps()]
+    start, end = busy_at[1], busy_at[4]  # window (gap 1's arrival, gap 4's arrival]
+    out = bench_serve._control_fields(shorts, control, start, end)
+    assert out["control_gaps"] == 6  # gaps 2, 3, 4 of both streams
+    assert out["tpot_p99_rise_vs_control"] == pytest.approx(1.5)
+    assert out["tpot_p50_rise_vs_control"] == pytest.approx(1.5)
+    assert out["control_itl_p99_s"] == pytest.approx(0.5, abs=1e-3)
+    # the quiet-window ratio of the same streams says more: the shorts' context grew
+    quiet = bench_serve._window_gaps(shorts, 0.0, start)
+    busy = bench_serve._window_gaps(shorts, start, end)
+    assert max(busy) / max(quiet) > 3
+    # a control that ended early covers only the gaps it has
+    short_control = [S(send_s=0.0, chunk_s=c.chunk_s[:4]) for c in control]
+    assert bench_serve._control_fields(shorts, short_control, start, end)["control_gaps"] == 2
