@@ -492,23 +492,17 @@ def _window_gaps(streams: Sequence[_Stream], start: float, end: float) -> list[f
     return [gap for r in streams for at, gap in r.gaps() if start < at <= end]
 
 
-def _window_gap_index(streams: Sequence[_Stream], start: float, end: float
-                      ) -> list[tuple[int, int]]:
-    """(stream, gap number) of the gaps `_window_gaps` returns, in the same order."""
-    return [(i, j) for i, r in enumerate(streams) for j, (at, _) in enumerate(r.gaps())
-            if start < at <= end]
-
-
 def _control_fields(shorts: list[_Stream], control: list[_Stream], start: float,
                     end: float) -> dict[str, Any]:
     """The busy window's gaps against the same requests' gaps at the same tokens when they
     ran alone (same prompts, greedy, so the same tokens and chunks)."""
     busy, ctrl = [], []
-    for i, j in _window_gap_index(shorts, start, end):
-        gaps = control[i].gaps()
-        if j < len(gaps):
-            busy.append(shorts[i].gaps()[j][1])
-            ctrl.append(gaps[j][1])
+    for stream, alone in zip(shorts, control, strict=True):
+        alone_gaps = alone.gaps()
+        for j, (at, gap) in enumerate(stream.gaps()):
+            if start < at <= end and j < len(alone_gaps):
+                busy.append(gap)
+                ctrl.append(alone_gaps[j][1])
     if not busy:
         return {"control_gaps": 0}
     busy_p99, ctrl_p99 = _pct(busy, 99), _pct(ctrl, 99)

@@ -133,9 +133,9 @@ def causal_prefill(
         outs.append(jnp.einsum("sktgn,snke->sktge", p, vf[:, :stop]))
         if col_all:
             # Column sums as a matmul with ones: XLA:CPU then keeps p materialized for both
-            # dots instead of re-running the softmax inside a separate reduction (4096
-            # tokens: ~+0.01 s per layer instead of +0.07-0.1 s; `scripts/bench_kv.py --only
-            # prefill`). HIGHEST keeps f32 sums where TF32 is the default.
+            # dots instead of re-running the softmax inside a separate reduction (one layer
+            # at 4096 tokens: +0.02-0.03 s instead of +0.07-0.1 s; end to end in
+            # docs/kv_compression.md). HIGHEST keeps f32 sums where TF32 is the default.
             t = stop - start
             ones = jnp.ones((S * K, 1, t * G), jnp.float32)
             sums = jax.lax.batch_matmul(ones, p.reshape(S * K, t * G, stop),
