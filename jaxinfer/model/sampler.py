@@ -8,6 +8,19 @@ import jax
 import jax.numpy as jnp
 
 
+def greedy_argmax(logits: jax.Array) -> jax.Array:
+    """Index of each row's largest logit (the first on ties), int32 [S] for [S, V].
+
+    A max, then the smallest index holding it: two plain reductions that vectorize, where
+    XLA:CPU's (value, index) argmax reduction took 4.1 ms for 32 x 49,152 logits (1.5 ms
+    this way), on every decode step.
+    """
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab)
+    return jnp.minimum(jnp.min(index, axis=-1), vocab - 1)  # a NaN row: the last id
+
+
 def sample(
     logits: jax.Array,
     temperature: jax.Array,
@@ -34,7 +47,7 @@ def sample(
     Returns:
       [S] int32 token ids.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_argmax(logits)
     if all_greedy:
         return greedy
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]

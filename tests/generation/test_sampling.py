@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.errors import InputError
-from jaxinfer.model.sampler import sample
+from jaxinfer.model.sampler import greedy_argmax, sample
 from jaxinfer.sampling import SamplingParams, pack_sampling, resolve_seed
 
 # ---------------------------------------------------------------------------- validation
@@ -137,6 +137,17 @@ def test_greedy_rows_are_argmax():
     temps = np.array([0.0, 1.5, 0.0, 2.0, 0.0, 1.0])
     out = draw(logits, temperature=temps, seed=np.arange(6))
     np.testing.assert_array_equal(out[temps == 0], expected[temps == 0])
+
+
+def test_greedy_argmax_takes_the_first_of_tied_maxima():
+    rng = np.random.default_rng(1)
+    logits = rng.integers(-3, 4, size=(64, 50)).astype(np.float32)  # many ties per row
+    logits[5] = 7.0  # a constant row: index 0
+    logits[6, -1] = 100.0  # the maximum at the last index
+    logits[7] = -np.inf
+    logits[7, 9] = -1e30
+    np.testing.assert_array_equal(np.asarray(greedy_argmax(jnp.asarray(logits))),
+                                  np.argmax(logits, -1))
 
 
 def test_top_k_one_is_greedy():
