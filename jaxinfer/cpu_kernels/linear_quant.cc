@@ -218,7 +218,8 @@ inline void Tile(const float* __restrict w, const float* __restrict x, int64_t K
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
     for (int t = 0; t < TT; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x + t * K + k);
+      __m512 xv = _mm512_loadu_ps(x + t * K + k);
+      asm("" : "+v"(xv));  // one load per token, not one per FMA (see linear.cc)
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
     }
   }

@@ -41,11 +41,12 @@ inline void Axpy(float w, const float* __restrict x, float* __restrict y, int64_
   for (int64_t e = 0; e < n; ++e) y[e] += w * x[e];
 }
 
-// Ask for the cache lines of the slot a few positions ahead (past a page's end the address
-// may be unused, which prefetching tolerates).
+// Ask for every cache line of `floats` floats from p: into L1 (keys, read next) or L2
+// (values, read after the softmax).
+template <int kHint = _MM_HINT_T0>
 inline void Prefetch(const float* p, int64_t floats) {
   for (int64_t i = 0; i < floats; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), static_cast<_mm_hint>(kHint));
   }
 }
 
@@ -222,6 +223,23 @@ static ffi::Error RaggedPagedAttentionImpl(
         const __m512 scale = _mm512_set1_ps(sm_scale);
         for (int64_t n0 = first; n0 < len; n0 += 16) {
           const int64_t nb = std::min<int64_t>(16, len - n0);
+          // Prefetch into L2 the key slots (all heads) of the next three blocks and the
+          // value slots of this block and the next two, so the misses overlap the dots: a
+          // KV head's dot pass touches a third of each slot, and values were otherwise first
+          // read after the softmax. Each slot is requested on three successive blocks;
+          // requesting each once, at any distance, gained little (prefetches dropped when
+          // the queues are full). Batch 32 x 320 cached tokens, 30 layers: 37.5 -> 27.5 ms
+          // (12.6 -> 17 GB/s; the same data hot in cache takes 12.5 ms).
+          // Only for decode items: a prefill item (4 queries) finds its sequence's slots
+          // in cache, read by the item before it, and the prefetch instructions cost more.
+          const int64_t ahead = nt == 1 ? 4 * 16 : 0;
+          for (int64_t n = n0; n < std::min<int64_t>(len, n0 + ahead); ++n) {
+            const int32_t page = pt[s * P + n / C];
+            if (page < 0 || page >= NP) continue;
+            const int64_t slot = (static_cast<int64_t>(page) * C + n % C) * key_stride;
+            if (n >= n0 + 16) Prefetch<_MM_HINT_T1>(KC + slot, key_stride);
+            if (n < n0 + 3 * 16) Prefetch<_MM_HINT_T1>(VC + slot, key_stride);
+          }
           __mmask16 valid = 0;
           for (int64_t j = 0; j < 16; ++j) {
             rows[j] = KC;  // any readable row; its score is masked
