@@ -66,3 +66,29 @@ def test_ragged_chunks_match_reference(window, cap, heads, E):
         sm_scale=0.25, sliding_window=window, soft_cap=cap))
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
     assert np.all(got[query_start[-1]:] == 0)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_long_chunks_and_decodes_match_reference(window):
+    """The model's shapes (9 query heads on 3 KV heads, E = 64: the AVX-512 path) with
+    prefill chunks of any length beside decodes long enough to take the prefetching path:
+    a 300-token prompt from position 0, a 130-token chunk after 200 cached tokens, and
+    decodes at 90 and 400 cached tokens."""
+    H, K, E = 9, 3, 64
+    L, NP, C, P = 2, 160, 16, 32
+    q_lens = np.array([1, 1, 300, 130], np.int32)
+    kv_lens = np.array([90, 400, 300, 330], np.int32)
+    T = int(q_lens.sum()) + 5
+    rng = np.random.default_rng(7)
+    k_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
+    v_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
+    q = rng.standard_normal((T, H, E)).astype(np.float32)
+    page_table = rng.permutation(NP)[: len(kv_lens) * P].reshape(-1, P).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    got = np.asarray(cpu_kernels.ragged_paged_attention(
+        q, k_cache, v_cache, kv_lens, page_table, query_start, 1, window, sm_scale=0.125))
+    expected = np.asarray(ragged_paged_attention_reference(
+        q, k_cache[1], v_cache[1], kv_lens, page_table, query_start, max_query_len=512,
+        sm_scale=0.125, sliding_window=window))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
+    assert np.all(got[query_start[-1]:] == 0)
