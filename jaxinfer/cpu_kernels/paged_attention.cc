@@ -51,25 +51,11 @@ inline void Prefetch(const float* p, int64_t floats) {
 }
 
 #if defined(__AVX512F__)
-// out[0:16*NV] = sum over keys n in [lo, hi) of w[n] * rows[n][0:16*NV], accumulated in
-// registers (an in-memory accumulator updated key after key was ~4x slower: every update
-// waits for the previous one's store).
-template <int NV>
-inline void WeightedRows(const float* const* rows, int64_t offset, const float* w, int64_t lo,
-                         int64_t hi, float* out) {
-  __m512 acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
-  for (int64_t n = lo; n < hi; ++n) {
-    const __m512 wn = _mm512_set1_ps(w[n]);
-    const float* r = rows[n] + offset;
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(wn, _mm512_loadu_ps(r + 16 * v), acc[v]);
-  }
-  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, acc[v]);
-}
-
 // out[n][0:16*NV] = sum over keys k in [lo, hi) of w[n][k] * rows[k][0:16*NV] for NQ weight
-// rows at once (the G query heads of one KV head, which see the same keys): each value
-// vector is loaded once for NQ FMAs, where one head at a time loaded it per FMA.
+// rows at once (the G query heads of one KV head, which see the same keys), accumulated in
+// registers (an in-memory accumulator updated key after key was ~4x slower: every update
+// waits for the previous one's store). Each value vector is loaded once for NQ FMAs, where
+// one head at a time loaded it per FMA.
 template <int NV, int NQ>
 inline void WeightedRowsN(const float* const* rows, int64_t offset, const float* const* w,
                           int64_t lo, int64_t hi, float* const* out) {
@@ -160,10 +146,10 @@ inline void WeightedSum(const float* const* rows, int64_t offset, const float* w
                         int64_t hi, int64_t E, float* out) {
 #if defined(__AVX512F__)
   switch (E) {
-    case 32: WeightedRows<2>(rows, offset, w, lo, hi, out); return;
-    case 64: WeightedRows<4>(rows, offset, w, lo, hi, out); return;
-    case 128: WeightedRows<8>(rows, offset, w, lo, hi, out); return;
-    case 256: WeightedRows<16>(rows, offset, w, lo, hi, out); return;
+    case 32: WeightedRowsN<2, 1>(rows, offset, &w, lo, hi, &out); return;
+    case 64: WeightedRowsN<4, 1>(rows, offset, &w, lo, hi, &out); return;
+    case 128: WeightedRowsN<8, 1>(rows, offset, &w, lo, hi, &out); return;
+    case 256: WeightedRowsN<16, 1>(rows, offset, &w, lo, hi, &out); return;
     default: break;
   }
 #endif
