@@ -252,7 +252,7 @@ static ffi::Error RaggedPagedAttentionImpl(
 #endif
       if (blocked) {
 #if defined(__AVX512F__)
-        // Blocks of 16 consecutive keys (possibly across pages): 16 scores per dot pass.
+        // Blocks of 16 consecutive keys (possibly across pages), scored 8 keys per pass.
         stride = (n_keys + 15) / 16 * 16;
         scores.assign(nt * H * stride, kMasked);
         pair_buf.resize(nt * H);
