@@ -297,21 +297,24 @@ static ffi::Error RaggedPagedAttentionImpl(
           query_range(n0, &i_lo, &unused);
           query_range(n0 + nb - 1, &unused, &i_hi);
           // The (query, head) pairs that see a key of this block, by KV head.
+          __mmask16 query_mask[kQueryBlock];  // which keys of the block query i sees
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const int64_t pos = pos0 + i;
+            query_mask[i] = valid & _mm512_cmple_epi32_mask(
+                keys, _mm512_set1_epi32(static_cast<int32_t>(pos)));
+            if (win > 0) {
+              query_mask[i] &= _mm512_cmpgt_epi32_mask(
+                  keys, _mm512_set1_epi32(static_cast<int32_t>(pos - win)));
+            }
+          }
           int64_t n_pairs = 0;
           for (int64_t g = 0; g < K; ++g) {
             for (int64_t i = i_lo; i < i_hi; ++i) {
-              const int64_t pos = pos0 + i;
-              __mmask16 mask = valid & _mm512_cmple_epi32_mask(
-                  keys, _mm512_set1_epi32(static_cast<int32_t>(pos)));
-              if (win > 0) {
-                mask &= _mm512_cmpgt_epi32_mask(
-                    keys, _mm512_set1_epi32(static_cast<int32_t>(pos - win)));
-              }
-              if (mask == 0) continue;
+              if (query_mask[i] == 0) continue;
               for (int64_t h = g * G; h < (g + 1) * G; ++h) {
                 pairs[n_pairs++] = {Q + ((t0 + i) * H + h) * E,
-                                    scores.data() + (i * H + h) * stride + (n0 - first), mask,
-                                    g * E};
+                                    scores.data() + (i * H + h) * stride + (n0 - first),
+                                    query_mask[i], g * E};
               }
             }
           }

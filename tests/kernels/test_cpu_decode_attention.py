@@ -40,6 +40,31 @@ def test_matches_reference(window, cap, heads, E):
     assert np.all(got[5] == 0)
 
 
+def _check_ragged_against_reference(
+    q_lens, kv_lens, *, H, K, E, C, P, NP, padding, seed, window, cap=None, sm_scale=0.25,
+):
+    """Random cache pages (shuffled page table), layer 1 of 2: the native kernel equals the
+    reference within float32 rounding, and padding tokens get zero rows."""
+    q_lens = np.asarray(q_lens, np.int32)
+    kv_lens = np.asarray(kv_lens, np.int32)
+    T = int(q_lens.sum()) + padding
+    rng = np.random.default_rng(seed)
+    k_cache = rng.standard_normal((2, NP, C, K, E)).astype(np.float32)
+    v_cache = rng.standard_normal((2, NP, C, K, E)).astype(np.float32)
+    q = rng.standard_normal((T, H, E)).astype(np.float32)
+    page_table = rng.permutation(NP)[: len(kv_lens) * P].reshape(-1, P).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    got = np.asarray(cpu_kernels.ragged_paged_attention(
+        q, k_cache, v_cache, kv_lens, page_table, query_start, 1, window, sm_scale=sm_scale,
+        soft_cap=cap))
+    expected = np.asarray(ragged_paged_attention_reference(
+        q, k_cache[1], v_cache[1], kv_lens, page_table, query_start,
+        max_query_len=int(2 ** np.ceil(np.log2(max(int(q_lens.max()), 1)))),
+        sm_scale=sm_scale, sliding_window=window, soft_cap=cap))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
+    assert np.all(got[query_start[-1]:] == 0)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("cap", [None, 3.0])
 @pytest.mark.parametrize("heads", [(6, 2), (8, 1)])
@@ -48,24 +73,10 @@ def test_ragged_chunks_match_reference(window, cap, heads, E):
     """Prefill chunks continuing a prefix, a chunk from position 0, decodes, an empty
     sequence, padding tokens and a padding sequence."""
     H, K = heads
-    L, NP, C, P = 2, 128, 4, 16
-    q_lens = np.array([3, 1, 7, 0, 1, 5, 0], np.int32)
-    kv_lens = np.array([9, 4, 7, 0, 23, 61, 0], np.int32)  # chunk from 0: 7 of 7
-    T = int(q_lens.sum()) + 3  # three padding tokens
-    rng = np.random.default_rng(H * 100 + E)
-    k_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
-    v_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
-    q = rng.standard_normal((T, H, E)).astype(np.float32)
-    page_table = rng.permutation(NP)[: len(kv_lens) * P].reshape(-1, P).astype(np.int32)
-    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    got = np.asarray(cpu_kernels.ragged_paged_attention(
-        q, k_cache, v_cache, kv_lens, page_table, query_start, 1, window, sm_scale=0.25,
-        soft_cap=cap))
-    expected = np.asarray(ragged_paged_attention_reference(
-        q, k_cache[1], v_cache[1], kv_lens, page_table, query_start, max_query_len=8,
-        sm_scale=0.25, sliding_window=window, soft_cap=cap))
-    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
-    assert np.all(got[query_start[-1]:] == 0)
+    _check_ragged_against_reference(
+        [3, 1, 7, 0, 1, 5, 0], [9, 4, 7, 0, 23, 61, 0],  # chunk from 0: 7 of 7
+        H=H, K=K, E=E, C=4, P=16, NP=128, padding=3, seed=H * 100 + E, window=window,
+        cap=cap)
 
 
 @pytest.mark.parametrize("window", [None, 100])
@@ -74,21 +85,6 @@ def test_long_chunks_and_decodes_match_reference(window):
     prefill chunks of any length beside decodes long enough to take the prefetching path:
     a 300-token prompt from position 0, a 130-token chunk after 200 cached tokens, and
     decodes at 90 and 400 cached tokens."""
-    H, K, E = 9, 3, 64
-    L, NP, C, P = 2, 160, 16, 32
-    q_lens = np.array([1, 1, 300, 130], np.int32)
-    kv_lens = np.array([90, 400, 300, 330], np.int32)
-    T = int(q_lens.sum()) + 5
-    rng = np.random.default_rng(7)
-    k_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
-    v_cache = rng.standard_normal((L, NP, C, K, E)).astype(np.float32)
-    q = rng.standard_normal((T, H, E)).astype(np.float32)
-    page_table = rng.permutation(NP)[: len(kv_lens) * P].reshape(-1, P).astype(np.int32)
-    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    got = np.asarray(cpu_kernels.ragged_paged_attention(
-        q, k_cache, v_cache, kv_lens, page_table, query_start, 1, window, sm_scale=0.125))
-    expected = np.asarray(ragged_paged_attention_reference(
-        q, k_cache[1], v_cache[1], kv_lens, page_table, query_start, max_query_len=512,
-        sm_scale=0.125, sliding_window=window))
-    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
-    assert np.all(got[query_start[-1]:] == 0)
+    _check_ragged_against_reference(
+        [1, 1, 300, 130], [90, 400, 300, 330], H=9, K=3, E=64, C=16, P=32, NP=160,
+        padding=5, seed=7, window=window, sm_scale=0.125)
