@@ -157,6 +157,176 @@ inline void WeightedSum(const float* const* rows, int64_t offset, const float* w
   for (int64_t n = lo; n < hi; ++n) Axpy(w[n], rows[n] + offset, out, E);
 }
 
+
+// Masked scores use a large finite negative (the library is built with -ffast-math so that
+// expf vectorizes; infinities are not allowed there).
+constexpr float kMasked = -1e30f;
+
+#if defined(__AVX512F__)
+// A prefill block against one KV head as two small matrix products, for blocks of many
+// queries. The block's R = nt * G (query, head) rows sit in the vector lanes: row
+// r = i * G + (h - g * G). Scores: S[key][r] = sum_d K[key][d] * QT[d][r], each key element
+// broadcast against 16 * NR rows (8 keys x NR vectors of accumulators, no horizontal sums);
+// the causal/window masks, the running max and the exponentials are elementwise over the
+// lanes. Values: O[r][e] = sum_key P[key][r] * V[key][e] in tiles of TR rows x 16 * NVC
+// floats. The dot form (one (query, head) pair at a time against 8 keys, then a tree sum
+// per 16 registers) reached ~60-110 GFLOP/s on long histories.
+struct MatrixScratch {
+  std::vector<float> qt, s, sums;
+  std::vector<const float*> krows, vrows;
+  std::vector<uint8_t> valid;
+};
+
+template <int NVC, int TR>
+inline void MatrixValues(const float* p, int64_t rp, const float* const* vrows, int64_t offset,
+                         int64_t r0, int64_t n_keys, int64_t e0, float* const* out,
+                         const float* inv) {
+  __m512 acc[TR][NVC];
+  for (int t = 0; t < TR; ++t)
+    for (int c = 0; c < NVC; ++c) acc[t][c] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < n_keys; ++n) {
+    const float* vr = vrows[n] + offset + e0;
+    __m512 vv[NVC];
+    for (int c = 0; c < NVC; ++c) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    const float* pn = p + n * rp + r0;
+    for (int t = 0; t < TR; ++t) {
+      const __m512 w = _mm512_set1_ps(pn[t]);
+      for (int c = 0; c < NVC; ++c) acc[t][c] = _mm512_fmadd_ps(w, vv[c], acc[t][c]);
+    }
+  }
+  for (int t = 0; t < TR; ++t) {
+    if (out[t] == nullptr) continue;  // a padding row
+    const __m512 scale = _mm512_set1_ps(inv[t]);
+    for (int c = 0; c < NVC; ++c) {
+      _mm512_storeu_ps(out[t] + e0 + 16 * c, _mm512_mul_ps(acc[t][c], scale));
+    }
+  }
+}
+
+template <int NR>
+void MatrixBlock(const float* Q, int64_t H, int64_t E, int64_t G, int64_t g, int64_t t0,
+                 int64_t nt, int64_t len, int32_t win, const float* KC, const float* VC,
+                 const int32_t* pages, int64_t NP, int64_t C, float sm_scale, float soft_cap,
+                 float* O, MatrixScratch* m) {
+  constexpr int64_t kRp = 16 * NR;  // lanes: R rows padded
+  const int64_t R = nt * G;
+  const int64_t pos0 = len - nt;  // position of the block's first query
+  const int64_t first = win > 0 ? std::max<int64_t>(0, pos0 - win + 1) : 0;
+  const int64_t n_keys = len - first;
+  const int64_t n_pad = (n_keys + 7) / 8 * 8;
+  const int64_t key_stride = (H / G) * E;
+  const int64_t offset = g * E;
+  // Queries, transposed and pre-scaled: qt[d * kRp + r].
+  m->qt.assign(E * kRp, 0.0f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = Q + ((t0 + r / G) * H + g * G + r % G) * E;
+    for (int64_t d = 0; d < E; ++d) m->qt[d * kRp + r] = qr[d] * sm_scale;
+  }
+  // Key and value slots of keys [first, first + n_pad); missing pages and keys past the end
+  // point at slot 0 and are masked.
+  m->krows.assign(n_pad, KC);
+  m->vrows.assign(n_pad, VC);
+  m->valid.assign(n_pad, 0);
+  for (int64_t n = first; n < len; ++n) {
+    const int32_t page = pages[n / C];
+    if (page < 0 || page >= NP) continue;
+    const int64_t slot = (static_cast<int64_t>(page) * C + n % C) * key_stride;
+    m->krows[n - first] = KC + slot;
+    m->vrows[n - first] = VC + slot;
+    m->valid[n - first] = 1;
+  }
+  // Row r (query i = r / G) sees key n when lo[r] < n <= pos[r]; padding rows copy the last
+  // query's range so that every lane stays finite.
+  __m512i pos_v[NR], lo_v[NR];
+  {
+    alignas(64) int32_t pos[kRp], lo[kRp];
+    for (int64_t r = 0; r < kRp; ++r) {
+      pos[r] = static_cast<int32_t>(pos0 + std::min<int64_t>(r, R - 1) / G);
+      lo[r] = win > 0 ? pos[r] - win : -1;
+    }
+    for (int v = 0; v < NR; ++v) {
+      pos_v[v] = _mm512_load_si512(pos + 16 * v);
+      lo_v[v] = _mm512_load_si512(lo + 16 * v);
+    }
+  }
+  const int64_t window_edge = win > 0 ? pos0 + nt - 1 - win : -1;  // keys <= it leave some row's window
+  m->s.resize(n_pad * kRp);
+  float* S = m->s.data();
+  __m512 mx[NR];
+  for (int v = 0; v < NR; ++v) mx[v] = _mm512_set1_ps(kMasked);
+  for (int64_t b = 0; b < n_pad; b += 8) {
+    __m512 acc[8][NR];
+    for (int j = 0; j < 8; ++j)
+      for (int v = 0; v < NR; ++v) acc[j][v] = _mm512_setzero_ps();
+    const float* const* rows = m->krows.data() + b;
+    // The keys two blocks ahead into L1, and this block's values into L2 for the value pass.
+    for (int j = 0; j < 8 && b + 16 + j < n_pad; ++j) Prefetch(rows[16 + j] + offset, E);
+    for (int j = 0; j < 8; ++j) Prefetch<_MM_HINT_T1>(m->vrows[b + j] + offset, E);
+    for (int64_t d = 0; d < E; ++d) {
+      __m512 qv[NR];
+      for (int v = 0; v < NR; ++v) qv[v] = _mm512_loadu_ps(m->qt.data() + d * kRp + 16 * v);
+      for (int j = 0; j < 8; ++j) {
+        const __m512 kb = _mm512_set1_ps(rows[j][offset + d]);
+        for (int v = 0; v < NR; ++v) acc[j][v] = _mm512_fmadd_ps(kb, qv[v], acc[j][v]);
+      }
+    }
+    const int64_t n0 = first + b;
+    // Keys before the first query's position (and inside every row's window) need no mask.
+    bool all_visible = n0 + 7 <= pos0 && n0 > window_edge;
+    for (int j = 0; j < 8 && all_visible; ++j) all_visible = m->valid[b + j] != 0;
+    for (int j = 0; j < 8; ++j) {
+      float* out = S + (b + j) * kRp;
+      for (int v = 0; v < NR; ++v) {
+        __m512 sc = acc[j][v];
+        if (soft_cap > 0.0f) {
+          alignas(64) float tmp[16];
+          _mm512_store_ps(tmp, sc);
+          for (int x = 0; x < 16; ++x) tmp[x] = std::tanh(tmp[x] / soft_cap) * soft_cap;
+          sc = _mm512_load_ps(tmp);
+        }
+        if (!all_visible) {
+          const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(n0 + j));
+          __mmask16 see = _mm512_cmple_epi32_mask(key, pos_v[v]) &
+                          _mm512_cmpgt_epi32_mask(key, lo_v[v]);
+          if (!m->valid[b + j]) see = 0;
+          sc = _mm512_mask_blend_ps(see, _mm512_set1_ps(kMasked), sc);
+        }
+        mx[v] = _mm512_max_ps(mx[v], sc);
+        _mm512_storeu_ps(out + 16 * v, sc);
+      }
+    }
+  }
+  alignas(64) float mxa[kRp];
+  for (int v = 0; v < NR; ++v) _mm512_store_ps(mxa + 16 * v, mx[v]);
+  m->sums.assign(kRp, 0.0f);
+  float* sums = m->sums.data();
+  for (int64_t n = 0; n < n_keys; ++n) {
+    float* row = S + n * kRp;
+#pragma omp simd
+    for (int64_t r = 0; r < kRp; ++r) {
+      row[r] = std::exp(row[r] - mxa[r]);  // masked entries underflow to 0
+      sums[r] += row[r];
+    }
+  }
+  // Values, TR rows at a time, over the keys the tile's last query sees.
+  constexpr int TR = 4;
+  for (int64_t r0 = 0; r0 < R; r0 += TR) {
+    float* out[TR];
+    float inv[TR];
+    for (int t = 0; t < TR; ++t) {
+      const int64_t r = r0 + t;
+      out[t] = r < R ? O + ((t0 + r / G) * H + g * G + r % G) * E : nullptr;
+      inv[t] = r < R && sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
+    }
+    const int64_t keys = std::min<int64_t>(n_keys, pos0 + std::min(R - 1, r0 + TR - 1) / G + 1 - first);
+    for (int64_t e0 = 0; e0 < E; e0 += (E % 64 == 0 ? 64 : 32)) {
+      if (E % 64 == 0) MatrixValues<4, TR>(S, kRp, m->vrows.data(), offset, r0, keys, e0, out, inv);
+      else MatrixValues<2, TR>(S, kRp, m->vrows.data(), offset, r0, keys, e0, out, inv);
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 static ffi::Error RaggedPagedAttentionImpl(
@@ -196,30 +366,45 @@ static ffi::Error RaggedPagedAttentionImpl(
   float* O = out->typed_data();
   std::fill(O, O + T * H * E, 0.0f);  // padding tokens stay zero
 
-  // Work items: a sequence's query tokens in blocks of kQueryBlock, so that a long chunk is
-  // spread over the threads (each block reads the keys its queries see). A block's queries
-  // are the last ones of its first `len` keys, like a whole sequence's.
+  // Work items: a sequence's query tokens in blocks, so that a long chunk is spread over
+  // the threads (each block reads the keys its queries see). A block's queries are the last
+  // ones of its first `len` keys, like a whole sequence's. Decodes and short chunks: blocks
+  // of kQueryBlock queries with all heads (g = -1). Chunks of kMatrixMinQueries or more:
+  // blocks of up to 48 (query, head) rows of one KV head g, in matrix form (MatrixBlock).
   constexpr int64_t kQueryBlock = 4;
-  struct Item { int64_t s, t0, nt, len; };
+  constexpr int64_t kMatrixMinQueries = 8;
+#if defined(__AVX512F__)
+  const bool matrix_form = E % 32 == 0 && G <= 48;
+#else
+  const bool matrix_form = false;
+#endif
+  struct Item { int64_t s, t0, nt, len, g, cost; };
   std::vector<Item> items;
-  int64_t work = 0;  // key rows x queries: threads pay off only with enough of them
+  int64_t work = 0;  // key rows x queries x KV heads x E: threads pay off only with enough
   for (int64_t s = 0; s < S; ++s) {
     const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), P * C);
     const int64_t t0 = std::clamp<int64_t>(qs[s], 0, T);
     const int64_t nt = std::clamp<int64_t>(qs[s + 1], t0, T) - t0;
     if (len == 0 || nt == 0) continue;
-    for (int64_t lo = 0; lo < nt; lo += kQueryBlock) {
-      const int64_t hi = std::min(nt, lo + kQueryBlock);
+    const bool matrix = matrix_form && nt >= kMatrixMinQueries;
+    const int64_t block = matrix ? std::max<int64_t>(1, 48 / G) : kQueryBlock;
+    for (int64_t lo = 0; lo < nt; lo += block) {
+      const int64_t hi = std::min(nt, lo + block);
       const int64_t block_len = len - nt + hi;
       if (block_len <= 0) continue;  // queries before position 0 see nothing
-      items.push_back({s, t0 + lo, hi - lo, block_len});
-      work += block_len * (hi - lo);
+      const int64_t cost = block_len * (hi - lo) * E;
+      if (matrix) {
+        for (int64_t g = 0; g < K; ++g) items.push_back({s, t0 + lo, hi - lo, block_len, g, cost});
+      } else {
+        items.push_back({s, t0 + lo, hi - lo, block_len, -1, cost * K});
+      }
+      work += cost * K;
     }
   }
-  const bool parallel = work * K * E >= (int64_t{1} << 20);
-  // Masked scores use a large finite negative (the library is built with -ffast-math so
-  // that expf vectorizes; infinities are not allowed there).
-  constexpr float kMasked = -1e30f;
+  // Largest first, so that the dynamic schedule ends with the small items.
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const bool parallel = work >= (int64_t{1} << 20);
   const int64_t key_stride = K * E;  // floats between consecutive cached slots
   // One work item per sequence with all its heads, so each cached slot (K * E contiguous
   // floats) is read in one sequential sweep of the page: visiting one KV head at a time (a
@@ -230,10 +415,22 @@ static ffi::Error RaggedPagedAttentionImpl(
     std::vector<const float*> vrows;
     struct Pair { const float* q; float* out; __mmask16 mask; int64_t offset; };
     std::vector<Pair> pair_buf;
+#if defined(__AVX512F__)
+    MatrixScratch matrix_scratch;
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < static_cast<int64_t>(items.size()); ++item) {
       const int64_t s = items[item].s, t0 = items[item].t0, nt = items[item].nt;
       const int64_t len = items[item].len;
+#if defined(__AVX512F__)
+      if (items[item].g >= 0) {
+        const int64_t rows = (nt * G + 15) / 16;
+        auto* block = rows == 1 ? MatrixBlock<1> : rows == 2 ? MatrixBlock<2> : MatrixBlock<3>;
+        block(Q, H, E, G, items[item].g, t0, nt, len, win, KC, VC, pt + s * P, NP, C, sm_scale,
+              soft_cap, O, &matrix_scratch);
+        continue;
+      }
+#endif
       const int64_t pos0 = len - nt;  // position of the first query token (may be < 0)
       // Keys any query of this sequence may see: [first, len).
       const int64_t first = win > 0 ? std::max<int64_t>(0, pos0 - win + 1) : 0;
