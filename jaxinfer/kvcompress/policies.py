@@ -155,7 +155,8 @@ class SlotPolicy:
             self.update_score(cache.score[layer], probs, valid)))
         target = sl.target_slot(self.victim_rank(cache, layer, ctx.seen), ctx.seen)
         if self.merge:
-            cache = sl.merge_victim(cache, layer, target, ctx.seen, self.merge_threshold)
+            cache = sl.merge_victim(cache, layer, target, ctx.seen, self.merge_threshold,
+                                     ctx.window)
         new_score = self.update_score(jnp.zeros((S, 1, K), jnp.float32),
                                       p_new.sum(axis=2)[:, None], valid)[:, 0]
         cache = sl.write_slot(cache, layer, target, ctx.k, ctx.v, ctx.seen, new_score)

@@ -47,7 +47,8 @@ def select_prefill(
       budget: slots B (static).
       merge: merge each dropped token into its most similar kept key (cosine) when the
         similarity is at least `merge_threshold`, instead of dropping it, weighted by
-        importance.
+        importance. Tokens whose keep_score is -INF (hidden by a sliding window) are
+        dropped, never merged: no later query of the layer reads them in the full cache.
       raw_score: [S, K, T] the importance to store and merge by (keep_score without the
         protection of sink / recent tokens); defaults to keep_score.
 
@@ -68,7 +69,7 @@ def select_prefill(
     raw = keep_score if raw_score is None else raw_score
     sc = jnp.swapaxes(jnp.where(kept, jnp.take_along_axis(raw, idx, axis=-1), 0.0), 1, 2)
     if merge and n < T:
-        ks, vs, mult = _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, raw,
+        ks, vs, mult = _merge_dropped(k, v, score > -INF, idx, kept, ks, vs, mult, raw,
                                       merge_threshold)
     pad = budget - n
     padn = lambda a, fill: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
@@ -77,15 +78,16 @@ def select_prefill(
                      pos=padn(pos, -1), score=padn(sc, 0.0), mult=padn(mult, 0.0))
 
 
-def _merge_dropped(k, v, valid, idx, kept, ks, vs, mult, weight, threshold):
-    """Fold every dropped token's value into its most similar kept key (cosine, per KV
-    head), weighted by importance; the kept key is unchanged and its slot's multiplicity
-    grows by the dropped token's share, so attention gives it that token's mass too."""
+def _merge_dropped(k, v, mergeable, idx, kept, ks, vs, mult, weight, threshold):
+    """Fold every dropped token's value (of those `mergeable` [S, K, T]) into its most
+    similar kept key (cosine, per KV head), weighted by importance; the kept key is
+    unchanged and its slot's multiplicity grows by the dropped token's share, so attention
+    gives it that token's mass too."""
     S, T, K, E = k.shape
     n = idx.shape[-1]
     is_kept = jnp.zeros((S, K, T), bool).at[
         jnp.arange(S)[:, None, None], jnp.arange(K)[None, :, None], idx].set(kept)
-    dropped = valid[:, None, :] & ~is_kept  # [S, K, T]
+    dropped = mergeable & ~is_kept  # [S, K, T]
     unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
     # Only dropped tokens need a match, and a sequence drops at most T - n of them (it keeps
     # min(length, n) of its length tokens): compact them to D = T - n rows per head. Then
@@ -156,10 +158,11 @@ def target_slot(victim_rank: jax.Array, seen: jax.Array) -> jax.Array:
 
 
 def merge_victim(cache: SlotCache, layer: jax.Array, target: jax.Array, seen: jax.Array,
-                 threshold: float) -> SlotCache:
+                 threshold: float, window: jax.Array | None = None) -> SlotCache:
     """Before a full cache's victim slot `target` [S, K] is overwritten, fold its value into
     the other valid slot with the most similar key (cosine >= threshold), weighted by their
-    scores, and grow that slot's multiplicity."""
+    scores, and grow that slot's multiplicity. A victim a sliding `window` already hides
+    from the token at `seen` is dropped, not merged (the full cache never reads it again)."""
     S, B, K, E = cache.k.shape[1:]
     si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
     full = (seen >= B)[:, None]
@@ -172,6 +175,8 @@ def merge_victim(cache: SlotCache, layer: jax.Array, target: jax.Array, seen: ja
     sim = jnp.where(ok, sim, -INF)
     into = jnp.argmax(sim, axis=-1)  # [S, K]
     do = full & (jnp.max(sim, axis=-1) >= threshold)
+    if window is not None:
+        do = do & (seen[:, None] - cache.pos[layer][si, safe_t, hi] < window)
     safe = jnp.where(do, into, 0)
     score = cache.score[layer]
     w_v = jnp.maximum(score[si, safe_t, hi], 0.0)

@@ -168,6 +168,45 @@ def test_sliding_layer_keeps_only_visible_keys(name):
     assert ((pos >= 0).sum(axis=0) == W).all()
 
 
+def test_merge_leaves_out_keys_a_window_hides():
+    """D2O on a sliding-window layer: keys the window already hides are dropped, not merged
+    (no later query of the layer reads them in the full cache). With every visible key
+    inside the budget and a threshold that merges any dropped token, the kept values stay
+    the tokens' own; in decode, a victim outside the window is not merged either."""
+    from jaxinfer.kvcompress import policies as P
+    from jaxinfer.kvcompress.slots import SlotCache, merge_victim
+
+    T, W, B = 64, 16, 24
+    ctx = _synthetic_ctx(T=T, seed=5).replace(window=jnp.asarray(W, jnp.int32))
+    state = P.D2O(budget=B, recent=B // 2, merge_threshold=-1.0).prefill(ctx)
+    pos, v = np.asarray(state.pos[0]), np.asarray(state.v[0])  # [B, K], [B, K, E]
+    for h in range(pos.shape[1]):
+        slots = np.nonzero(pos[:, h] >= 0)[0]
+        assert len(slots) == W
+        np.testing.assert_allclose(v[slots, h], np.asarray(ctx.v)[0, pos[slots, h], h],
+                                   rtol=1e-6)  # (v * w) / w
+        np.testing.assert_array_equal(np.asarray(state.mult[0])[slots, h], 1.0)
+    # Without the window every dropped token merges somewhere (the check has teeth).
+    merged = P.D2O(budget=B, recent=B // 2, merge_threshold=-1.0).prefill(
+        ctx.replace(window=None))
+    assert (np.asarray(merged.mult[0]) > 1.0).any()
+
+    # Decode: slot 0 (position 0) is the victim; the token at 14 sees positions > 14 - 3.
+    rng = np.random.default_rng(0)
+    cache = SlotCache(k=jnp.asarray(rng.standard_normal((1, 1, 4, 1, 4)), jnp.float32),
+                      v=jnp.asarray(rng.standard_normal((1, 1, 4, 1, 4)), jnp.float32),
+                      pos=jnp.asarray([0, 11, 12, 13], jnp.int32).reshape(1, 1, 4, 1),
+                      score=jnp.ones((1, 1, 4, 1), jnp.float32),
+                      mult=jnp.ones((1, 1, 4, 1), jnp.float32))
+    args = (cache, jnp.int32(0), jnp.zeros((1, 1), jnp.int32), jnp.asarray([14], jnp.int32),
+            -1.0)
+    hidden = merge_victim(*args, jnp.asarray(3, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(hidden.v), np.asarray(cache.v))
+    np.testing.assert_array_equal(np.asarray(hidden.mult), 1.0)
+    visible = merge_victim(*args, jnp.asarray(20, jnp.int32))
+    assert (np.asarray(visible.mult) > 1.0).any()
+
+
 def test_full_cache_keeps_hidden_keys_in_place():
     """The full cache (and TokenSelect over it) keeps every token at slot = position, even
     keys a sliding window hides."""
