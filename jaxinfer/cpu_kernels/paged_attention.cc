@@ -1,12 +1,13 @@
-// Ragged paged attention for XLA:CPU, called through jax.ffi: decode tokens and short
-// prefill chunks.
+// Ragged paged attention for XLA:CPU, called through jax.ffi: decode tokens and prefill
+// chunks of any length, mixed in one call.
 //
 // Sequence s owns query tokens [query_start[s], query_start[s+1]) at the last positions of
 // its kv_lens[s] cached tokens (causal; the step's own keys are already in the cache).
-// Keys and values are read in place from the stacked cache [L, NP, C, K, E] at `layer`,
-// each cached slot once per sequence for all its query tokens and heads (GQA: the G query
-// heads of a KV head share its row). XLA:CPU has to gather the pages into a padded copy and
-// then runs small batched dots at a few GFLOP/s; this loop is bound by reading the cache.
+// Keys and values are read in place from the stacked cache [L, NP, C, K, E] at `layer`.
+// Decodes and short chunks: each cached slot once per block of queries for all heads (GQA:
+// the G query heads of a KV head share its row). Chunks of 8+ queries: per KV head, in
+// matrix form (MatrixBlock). XLA:CPU has to gather the pages into a padded copy and then
+// runs small batched dots at a few GFLOP/s.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
