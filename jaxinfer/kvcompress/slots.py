@@ -161,8 +161,9 @@ def merge_victim(cache: SlotCache, layer: jax.Array, target: jax.Array, seen: ja
                  threshold: float, window: jax.Array | None = None) -> SlotCache:
     """Before a full cache's victim slot `target` [S, K] is overwritten, fold its value into
     the other valid slot with the most similar key (cosine >= threshold), weighted by their
-    scores, and grow that slot's multiplicity. A victim a sliding `window` already hides
-    from the token at `seen` is dropped, not merged (the full cache never reads it again)."""
+    scores, and grow that slot's multiplicity. With a sliding `window`, a victim the window
+    already hides from the token at `seen` is dropped, not merged (the full cache never
+    reads it again), and only slots it still shows receive merges."""
     S, B, K, E = cache.k.shape[1:]
     si, hi = jnp.arange(S)[:, None], jnp.arange(K)[None, :]
     full = (seen >= B)[:, None]
@@ -172,6 +173,8 @@ def merge_victim(cache: SlotCache, layer: jax.Array, target: jax.Array, seen: ja
     sim = jnp.einsum("ske,sbke->skb", unit(k_l[si, safe_t, hi]), unit(k_l))
     ok = (cache.pos[layer] >= 0).transpose(0, 2, 1) & (
         jnp.arange(B)[None, None, :] != safe_t[..., None])
+    if window is not None:  # only into slots the window still shows
+        ok = ok & slot_mask(cache.pos[layer], seen, window)
     sim = jnp.where(ok, sim, -INF)
     into = jnp.argmax(sim, axis=-1)  # [S, K]
     do = full & (jnp.max(sim, axis=-1) >= threshold)

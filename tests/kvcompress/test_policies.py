@@ -191,20 +191,26 @@ def test_merge_leaves_out_keys_a_window_hides():
         ctx.replace(window=None))
     assert (np.asarray(merged.mult[0]) > 1.0).any()
 
-    # Decode: slot 0 (position 0) is the victim; the token at 14 sees positions > 14 - 3.
+    # Decode, the token at 14 with a window of 3 (it sees positions 12 and 13): slot 0 holds
+    # position 0, slot 1 position 1 with the same key as slot 2 (position 12).
     rng = np.random.default_rng(0)
-    cache = SlotCache(k=jnp.asarray(rng.standard_normal((1, 1, 4, 1, 4)), jnp.float32),
+    k = rng.standard_normal((1, 1, 4, 1, 4))
+    k[:, :, 1] = k[:, :, 2]
+    cache = SlotCache(k=jnp.asarray(k, jnp.float32),
                       v=jnp.asarray(rng.standard_normal((1, 1, 4, 1, 4)), jnp.float32),
-                      pos=jnp.asarray([0, 11, 12, 13], jnp.int32).reshape(1, 1, 4, 1),
+                      pos=jnp.asarray([0, 1, 12, 13], jnp.int32).reshape(1, 1, 4, 1),
                       score=jnp.ones((1, 1, 4, 1), jnp.float32),
                       mult=jnp.ones((1, 1, 4, 1), jnp.float32))
-    args = (cache, jnp.int32(0), jnp.zeros((1, 1), jnp.int32), jnp.asarray([14], jnp.int32),
-            -1.0)
-    hidden = merge_victim(*args, jnp.asarray(3, jnp.int32))
+    seen, window = jnp.asarray([14], jnp.int32), jnp.asarray(3, jnp.int32)
+    victim = lambda slot: jnp.full((1, 1), slot, jnp.int32)  # noqa: E731
+    hidden = merge_victim(cache, jnp.int32(0), victim(0), seen, -1.0, window)
     np.testing.assert_array_equal(np.asarray(hidden.v), np.asarray(cache.v))
     np.testing.assert_array_equal(np.asarray(hidden.mult), 1.0)
-    visible = merge_victim(*args, jnp.asarray(20, jnp.int32))
-    assert (np.asarray(visible.mult) > 1.0).any()
+    # A visible victim merges into a visible slot, not into its hidden twin (slot 1).
+    kept = merge_victim(cache, jnp.int32(0), victim(2), seen, -1.0, window)
+    np.testing.assert_array_equal(np.asarray(kept.mult)[0, 0, :, 0], [1.0, 1.0, 1.0, 2.0])
+    unwindowed = merge_victim(cache, jnp.int32(0), victim(2), seen, -1.0)
+    np.testing.assert_array_equal(np.asarray(unwindowed.mult)[0, 0, :, 0], [1.0, 2.0, 1.0, 1.0])
 
 
 def test_full_cache_keeps_hidden_keys_in_place():
