@@ -164,6 +164,14 @@ inline void WeightedSum(const float* const* rows, int64_t offset, const float* w
 constexpr float kMasked = -1e30f;
 
 #if defined(__AVX512F__)
+// cap * tanh(x / cap) on 16 scores (Gemma 2's logit soft cap; rare, so not vectorized).
+inline __m512 SoftCap(__m512 x, float cap) {
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, x);
+  for (int j = 0; j < 16; ++j) tmp[j] = std::tanh(tmp[j] / cap) * cap;
+  return _mm512_load_ps(tmp);
+}
+
 // A prefill block against one KV head as two small matrix products, for blocks of many
 // queries. The block's R = nt * G (query, head) rows sit in the vector lanes: row
 // r = i * G + (h - g * G). Scores: S[key][r] = sum_d K[key][d] * QT[d][r], each key element
@@ -279,12 +287,7 @@ void MatrixBlock(const float* Q, int64_t H, int64_t E, int64_t G, int64_t g, int
       float* out = S + (b + j) * kRp;
       for (int v = 0; v < NR; ++v) {
         __m512 sc = acc[j][v];
-        if (soft_cap > 0.0f) {
-          alignas(64) float tmp[16];
-          _mm512_store_ps(tmp, sc);
-          for (int x = 0; x < 16; ++x) tmp[x] = std::tanh(tmp[x] / soft_cap) * soft_cap;
-          sc = _mm512_load_ps(tmp);
-        }
+        if (soft_cap > 0.0f) sc = SoftCap(sc, soft_cap);
         if (!all_visible) {
           const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(n0 + j));
           __mmask16 see = _mm512_cmple_epi32_mask(key, pos_v[v]) &
@@ -537,12 +540,7 @@ static ffi::Error RaggedPagedAttentionImpl(
                                                _mm512_castps256_ps512(_mm256_load_ps(hi + 8 * n)),
                                                0x44);  // keys 0-7, then 8-15
               sc = _mm512_mul_ps(sc, scale);
-              if (soft_cap > 0.0f) {
-                alignas(64) float tmp[16];
-                _mm512_store_ps(tmp, sc);
-                for (int j = 0; j < 16; ++j) tmp[j] = std::tanh(tmp[j] / soft_cap) * soft_cap;
-                sc = _mm512_load_ps(tmp);
-              }
+              if (soft_cap > 0.0f) sc = SoftCap(sc, soft_cap);
               _mm512_storeu_ps(pair.out, _mm512_mask_blend_ps(pair.mask, masked, sc));
             }
             p0 += np;
