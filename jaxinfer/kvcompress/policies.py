@@ -229,14 +229,22 @@ class Scissorhands(SlotPolicy):
 class SnapKV(SlotPolicy):
     """Selection at the end of prefill by the attention of an observation window (the
     last `recent` queries), pooled over neighbours; the window itself is kept. Decode then
-    evicts by accumulated attention as H2O does."""
+    evicts by accumulated attention as H2O does, with H2O's protected window of the newest
+    `decode_recent` tokens (SnapKV itself never evicts generated tokens; a static budget
+    must, and this keeps them for `decode_recent` steps). None: `recent`."""
 
     recent: int = 32
     kernel: int = 7
+    decode_recent: int | None = None
     name: ClassVar[str] = "snapkv"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:
         return _maxpool(ctx.stats.col_obs, self.kernel)
+
+    def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
+        recent = self.recent if self.decode_recent is None else self.decode_recent
+        return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None] - 1,
+                        self.sink, recent - 1)
 
 
 @dataclasses.dataclass(frozen=True)

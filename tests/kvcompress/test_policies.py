@@ -8,6 +8,8 @@ leave KIVI's window; state bytes follow the budget.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +141,30 @@ def test_positions_survive_eviction():
             np.testing.assert_allclose(
                 np.asarray(state.cache.k[0, 0, b, h]),
                 np.asarray(full_state.cache.k[0, 0, pos[b, h], h]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "actqkv"])
+def test_snapkv_decode_keeps_its_newest_tokens(name):
+    """SnapKV / ActQKV's prefill protects only the 32-query observation window, but decode
+    protects the newest budget // 2 tokens (as H2O does): with the newest tokens scored
+    lowest, the victim is the lowest-scored token older than that window."""
+    from jaxinfer.kvcompress import slots as sl
+
+    B = 64
+    policy = make_policy(name, max_len=512, budget=B)
+    assert policy.recent == 32 and policy.decode_recent == B // 2
+    pos = jnp.arange(100, 100 + B, dtype=jnp.int32)[None, None, :, None]  # [L, S, B, K]
+    score = -pos.astype(jnp.float32)  # the newest tokens have the lowest score
+    cache = sl.SlotCache(k=jnp.zeros((1, 1, B, 1, 4)), v=jnp.zeros((1, 1, B, 1, 4)), pos=pos,
+                         score=score, mult=jnp.ones_like(score))
+    seen = jnp.asarray([100 + B], jnp.int32)
+    target = sl.target_slot(policy.victim_rank(cache, 0, seen), seen)
+    # The incoming token and the B // 2 - 1 newest kept ones are safe: the victim is the
+    # newest of the rest.
+    assert int(pos[0, 0, int(target[0, 0]), 0]) == 100 + B - B // 2
+    short = dataclasses.replace(policy, decode_recent=None)  # the observation window only
+    target = sl.target_slot(short.victim_rank(cache, 0, seen), seen)
+    assert int(pos[0, 0, int(target[0, 0]), 0]) == 100 + B - 32
 
 
 def _synthetic_ctx(S=1, T=512, K=3, G=3, E=64, seed=0):
