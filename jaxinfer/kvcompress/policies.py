@@ -113,7 +113,12 @@ class SlotPolicy:
             score = jnp.where(gone, -sl.INF, score)
         return sl.select_prefill(ctx.k, ctx.v, ctx.lengths, score, self.budget,
                                  merge=self.merge, merge_threshold=self.merge_threshold,
-                                 raw_score=raw)
+                                 raw_score=raw, merge_weight=self.merge_weight(ctx))
+
+    def merge_weight(self, ctx: PrefillContext) -> jax.Array | None:
+        """[S, K, T] the importance a merging prefill averages values by (None: the
+        prefill score)."""
+        return None
 
     def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
         """[S, B, K] lowest leaves; the incoming token (position `seen`) is never a victim."""
@@ -275,13 +280,22 @@ class ActQKV(SnapKV):
 
 @dataclasses.dataclass(frozen=True)
 class D2O(H2O):
-    """H2O eviction whose dropped tokens' values are folded into the kept token with the
-    most similar key (cosine >= merge_threshold), weighted by accumulated attention, instead
-    of discarded (D2O / KVMerger-style merging). `merge_bias` adds the merged tokens'
-    log-multiplicity to the slot's logit; off by default (it raised KL, docs/kv_compression.md).
-    """
+    """H2O eviction whose dropped tokens are merged into the kept token with the most
+    similar key (cosine >= merge_threshold) instead of discarded (D2O / KVMerger-style):
+    the slot's value becomes the importance-weighted average of its own and the merged
+    values, and its logit gains log(multiplicity), the merged share of importance, so the
+    slot receives the attention mass of the tokens it stands for.
+
+    The prefill's merge weights are the attention each token receives from the observation
+    window (SnapKV's estimate of what later queries read), not H2O's accumulated attention,
+    which favours early tokens: with the accumulated weights the mass-preserving bias raised
+    KL on both models, with the window's it lowers KL below dropping on both
+    (docs/kv_compression.md, "Merging")."""
 
     merge: bool = True
     merge_threshold: float = 0.8
-    merge_bias: bool = False
+    merge_bias: bool = True
     name: ClassVar[str] = "d2o"
+
+    def merge_weight(self, ctx: PrefillContext) -> jax.Array:
+        return ctx.stats.col_obs

@@ -37,6 +37,7 @@ class SlotCache:
 def select_prefill(
     k: jax.Array, v: jax.Array, lengths: jax.Array, keep_score: jax.Array, budget: int,
     *, merge: bool = False, merge_threshold: float = 0.0, raw_score: jax.Array | None = None,
+    merge_weight: jax.Array | None = None,
 ) -> SlotCache:
     """Keep the `budget` best tokens of a prefill per (sequence, KV head).
 
@@ -51,6 +52,8 @@ def select_prefill(
         dropped, never merged: no later query of the layer reads them in the full cache.
       raw_score: [S, K, T] the importance to store and merge by (keep_score without the
         protection of sink / recent tokens); defaults to keep_score.
+      merge_weight: [S, K, T] the importance merges average values by; defaults to the
+        stored importance.
 
     Returns:
       A `SlotCache` without the L axis; slots [0, min(length, B)) valid, the rest empty.
@@ -69,7 +72,8 @@ def select_prefill(
     raw = keep_score if raw_score is None else raw_score
     sc = jnp.swapaxes(jnp.where(kept, jnp.take_along_axis(raw, idx, axis=-1), 0.0), 1, 2)
     if merge and n < T:
-        ks, vs, mult = _merge_dropped(k, v, score > -INF, idx, kept, ks, vs, mult, raw,
+        weight = raw if merge_weight is None else merge_weight
+        ks, vs, mult = _merge_dropped(k, v, score > -INF, idx, kept, ks, vs, mult, weight,
                                       merge_threshold)
     pad = budget - n
     padn = lambda a, fill: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731

@@ -194,6 +194,38 @@ def test_sliding_layer_keeps_only_visible_keys(name):
     assert ((pos >= 0).sum(axis=0) == W).all()
 
 
+def test_merging_duplicate_keys_preserves_attention():
+    """D2O's merge is mass-preserving: when every dropped token repeats a kept token's key
+    (so the observation window attends to the copies alike), attention over the merged
+    slots with the log-multiplicity bias equals attention over all tokens."""
+    from jaxinfer.kvcompress import policies as P
+    from jaxinfer.kvcompress import slots as sl
+
+    T, U, E = 64, 16, 8  # 64 tokens, 16 distinct keys each repeated 4 times
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((U, E)).astype(np.float32)
+    k = np.tile(base, (T // U, 1))  # token t has key t % U
+    v = rng.standard_normal((T, E)).astype(np.float32)
+    keep = np.where(np.arange(T) < U, 2.0, 1.0).astype(np.float32)  # keeps tokens 0..15
+    obs = np.tile(rng.random(U).astype(np.float32) + 0.1, T // U)  # equal for copies
+    ctx = PrefillContext(
+        q=jnp.zeros((1, T, 1, 1, E)), k=jnp.asarray(k)[None, :, None],
+        v=jnp.asarray(v)[None, :, None], lengths=jnp.asarray([T], jnp.int32),
+        stats=PrefillStats(jnp.asarray(keep)[None, None], jnp.asarray(obs)[None, None],
+                           jnp.asarray(keep)[None, None]))
+    state = P.D2O(budget=U, recent=0).prefill(ctx)
+    np.testing.assert_array_equal(np.asarray(state.pos[0, :, 0]), np.arange(U))
+    q = rng.standard_normal((5, E)).astype(np.float32)
+    bias = np.asarray(sl.merge_bias(state.mult))[0, 0]  # [B]
+    got_logits = q @ np.asarray(state.k[0, :, 0]).T + bias
+    got = jax.nn.softmax(got_logits, axis=-1) @ np.asarray(state.v[0, :, 0])
+    want = jax.nn.softmax(q @ k.T, axis=-1) @ v
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Dropping the copies instead (no merge) is measurably different.
+    dropped = jax.nn.softmax(q @ base.T, axis=-1) @ v[:U]
+    assert np.abs(dropped - want).max() > 0.05
+
+
 def test_merge_leaves_out_keys_a_window_hides():
     """D2O on a sliding-window layer: keys the window already hides are dropped, not merged
     (no later query of the layer reads them in the full cache). With every visible key
@@ -377,7 +409,8 @@ def test_prefill_statistics_against_numpy():
 def test_merge_matches_a_float64_loop(T):
     """D2O's prefill merge (chunked similarity search) against a per-token loop in float64:
     a ragged batch, T not a multiple of the 256-token chunk, some tokens merged and some
-    below the threshold dropped."""
+    below the threshold dropped; tokens are kept by `score` and averaged by their own
+    merge weights (D2O's observation-window attention), which also set the multiplicity."""
     from jaxinfer.kvcompress.slots import select_prefill
 
     rng = np.random.default_rng(7)
@@ -386,8 +419,10 @@ def test_merge_matches_a_float64_loop(T):
     k = rng.standard_normal((S, T, K, E)).astype(np.float32)
     v = rng.standard_normal((S, T, K, E)).astype(np.float32)
     score = rng.random((S, K, T)).astype(np.float32) + 0.1
+    weight = rng.random((S, K, T)).astype(np.float32) + 0.05
     got = select_prefill(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
-                         jnp.asarray(score), budget, merge=True, merge_threshold=thr)
+                         jnp.asarray(score), budget, merge=True, merge_threshold=thr,
+                         merge_weight=jnp.asarray(weight))
     merged = 0
     for s in range(S):
         for h in range(K):
@@ -395,7 +430,7 @@ def test_merge_matches_a_float64_loop(T):
             kept = np.argsort(-score[s, h, :n], kind="stable")[:budget]
             unit = lambda a: a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
             kk = unit(k[s, kept, h].astype(np.float64))
-            w = score[s, h].astype(np.float64)
+            w = weight[s, h].astype(np.float64)
             acc_v = v[s, kept, h].astype(np.float64) * w[kept, None]
             acc_w = w[kept].copy()
             for t in sorted(set(range(n)) - set(kept.tolist())):
@@ -411,4 +446,6 @@ def test_merge_matches_a_float64_loop(T):
                                        acc_v / acc_w[:, None], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(np.asarray(got.mult[s, :budget, h]),
                                        acc_w / w[kept], rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(got.score[s, :budget, h]),
+                                       score[s, h, kept])  # the keep score is stored
     assert merged > 0
