@@ -81,6 +81,8 @@ class SlotPolicy:
     merge: bool = False
     merge_threshold: float = 0.5
     merge_bias: bool = True
+    # Newest tokens decode never evicts (None: `recent`, the prefill's protected window).
+    decode_recent: int | None = None
     needs_probs: ClassVar[bool] = True
     # Whether `prefill_score` reads `stats.col_all` (H2O's accumulated attention over every
     # prefill query, +30% of the prefill's attention); the prefill skips it otherwise.
@@ -122,8 +124,9 @@ class SlotPolicy:
 
     def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
         """[S, B, K] lowest leaves; the incoming token (position `seen`) is never a victim."""
+        recent = self.recent if self.decode_recent is None else self.decode_recent
         return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None] - 1,
-                        self.sink, self.recent - 1)
+                        self.sink, recent - 1)
 
     def decode(self, cache: sl.SlotCache, layer: jax.Array, ctx: DecodeContext
                ) -> tuple[jax.Array, sl.SlotCache]:
@@ -234,22 +237,16 @@ class Scissorhands(SlotPolicy):
 class SnapKV(SlotPolicy):
     """Selection at the end of prefill by the attention of an observation window (the
     last `recent` queries), pooled over neighbours; the window itself is kept. Decode then
-    evicts by accumulated attention as H2O does, with H2O's protected window of the newest
-    `decode_recent` tokens (SnapKV itself never evicts generated tokens; a static budget
-    must, and this keeps them for `decode_recent` steps). None: `recent`."""
+    evicts by accumulated attention as H2O does; the registry gives it H2O's protected
+    window of the newest budget/2 tokens (`decode_recent`): SnapKV itself never evicts
+    generated tokens, a static budget must, and this keeps them for budget/2 steps."""
 
     recent: int = 32
     kernel: int = 7
-    decode_recent: int | None = None
     name: ClassVar[str] = "snapkv"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:
         return _maxpool(ctx.stats.col_obs, self.kernel)
-
-    def victim_rank(self, cache: sl.SlotCache, layer: jax.Array, seen: jax.Array) -> jax.Array:
-        recent = self.recent if self.decode_recent is None else self.decode_recent
-        return _protect(cache.score[layer], cache.pos[layer], seen[:, None, None] - 1,
-                        self.sink, recent - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +287,7 @@ class D2O(H2O):
     window (SnapKV's estimate of what later queries read), not H2O's accumulated attention,
     which favours early tokens: with the accumulated weights the mass-preserving bias raised
     KL on both models, with the window's it lowers KL below dropping on both
-    (docs/kv_compression.md, "Merging")."""
+    (docs/kv_compression.md, "Two changes on 2026-11-29")."""
 
     merge: bool = True
     merge_threshold: float = 0.8
