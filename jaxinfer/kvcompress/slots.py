@@ -50,8 +50,9 @@ def select_prefill(
         similarity is at least `merge_threshold`, instead of dropping it, weighted by
         importance. Tokens whose keep_score is -INF (hidden by a sliding window) are
         dropped, never merged: no later query of the layer reads them in the full cache.
-      raw_score: [S, K, T] the importance to store and merge by (keep_score without the
-        protection of sink / recent tokens); defaults to keep_score.
+      raw_score: [S, K, T] the importance to store (keep_score without the protection of
+        sink / recent tokens), and to merge by unless `merge_weight` is given; defaults to
+        keep_score.
       merge_weight: [S, K, T] the importance merges average values by; defaults to the
         stored importance.
 
