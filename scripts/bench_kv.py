@@ -138,7 +138,7 @@ def synthetic_state(cfg: Any, policy: Any, base_k: jax.Array, base_v: jax.Array,
         col_all = jnp.roll(base_stat, shift, axis=-1)
         col_obs = jnp.roll(base_stat, 5 * shift, axis=-1)
         stats = PrefillStats(col_all=col_all, col_obs=col_obs,
-                             col_hits=jnp.floor(col_obs * 8.0))
+                             col_hits=jnp.floor(col_obs * 8.0), col_obs_long=col_obs)
         return policy.prefill(PrefillContext(q=q, k=k.astype(base_k.dtype),
                                              v=v.astype(base_v.dtype), lengths=lengths,
                                              stats=stats))

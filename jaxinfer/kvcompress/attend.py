@@ -50,14 +50,18 @@ class PrefillStats(NamedTuple):
     """Per-key attention statistics of a prefill, each [S, K, T] summed over query groups.
 
     col_all: attention received from every valid query (H2O's accumulated attention).
-    col_obs: attention received from each sequence's last `obs_window` queries (SnapKV).
+    col_obs: attention received from each sequence's last `obs_window` queries (D2O's
+      merge weights).
     col_hits: how many of those queries gave the key more than a uniform share 1/(t+1)
       (Scissorhands' persistence of importance).
+    col_obs_long: attention received from the last `obs_long` queries (SnapKV's selection);
+      None when the prefill was not asked for it.
     """
 
     col_all: jax.Array
     col_obs: jax.Array
     col_hits: jax.Array
+    col_obs_long: jax.Array | None = None
 
 
 def attend_with_new(
@@ -95,7 +99,7 @@ def attend_with_new(
 def causal_prefill(
     q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: jax.Array | None,
     *, scale: float, soft_cap: float | None, obs_window: int, col_all: bool = True,
-    block: int = 128,
+    obs_long: int = 0, block: int = 128,
 ) -> tuple[jax.Array, PrefillStats]:
     """Causal self-attention of a padded prefill, with the statistics eviction needs.
 
@@ -111,6 +115,8 @@ def causal_prefill(
       col_all: compute H2O's accumulated attention (a reduction over every query's
         probabilities, +30% of the attention); False leaves zeros, for policies that do not
         read it (`SlotPolicy.needs_col_all`).
+      obs_long: also sum the attention of the last `obs_long` (>= obs_window) queries
+        (`PrefillStats.col_obs_long`); 0 leaves it None.
 
     Returns:
       (out [S, T, K, G, E], `PrefillStats`).
@@ -147,7 +153,10 @@ def causal_prefill(
     key_ok = key_pos[None, :] < lengths[:, None]  # [S, N]
     # The observation window's statistics come from its own few queries (gathered per
     # sequence), not from a masked pass over every query's probabilities.
-    W = min(obs_window, T)
+    # One pass over the longer window's queries serves both windows.
+    if obs_long and obs_long < obs_window:
+        raise ValueError(f"obs_long {obs_long} must be 0 or at least obs_window {obs_window}")
+    W = min(max(obs_window, obs_long), T)
     qpos = jnp.maximum(lengths[:, None] - W, 0) + jnp.arange(W)[None, :]  # [S, W]
     q_ok = qpos < lengths[:, None]
     q_obs = jnp.take_along_axis(q, qpos[:, :, None, None, None], axis=1)  # [S, W, K, G, E]
@@ -155,7 +164,10 @@ def causal_prefill(
     if window is not None:
         mask = mask & (qpos[:, :, None] - key_pos[None, None, :] < window)
     _, p = attend(q_obs, k, v, mask[:, None], scale=scale, soft_cap=soft_cap)  # [S,K,G,W,N]
+    col_long = p.sum(axis=(2, 3)) if obs_long else None
+    short = (qpos >= lengths[:, None] - obs_window)[:, None, None, :, None]  # [S,1,1,W,1]
+    p = jnp.where(short, p, 0.0)
     col_obs = p.sum(axis=(2, 3))
     share = 1.0 / (qpos.astype(jnp.float32) + 1.0)  # [S, W]
     col_hits = (p > share[:, None, None, :, None]).astype(jnp.float32).sum(axis=(2, 3))
-    return out, PrefillStats(col, col_obs, col_hits)
+    return out, PrefillStats(col, col_obs, col_hits, col_long)

@@ -42,14 +42,19 @@ class KVState:
     seen: Any  # [S] int32: tokens consumed, i.e. the next token's position
 
 
-# Queries at the end of each prompt whose attention selects tokens (SnapKV's observation
-# window, Scissorhands' history); one value so that one captured prefill serves every policy.
+# Queries at the end of each prompt whose attention scores tokens (Scissorhands' history,
+# D2O's merge weights); one value so that one captured prefill serves every policy.
 OBS_WINDOW = 32
+# SnapKV's longer observation window (`PrefillStats.col_obs_long`). On Gemma 3's global
+# layers, whose attention is diffuse, 128 queries predict what the next 256 read better
+# than 32 (docs/kv_compression.md, "Eviction on Gemma 3").
+LONG_OBS_WINDOW = 128
 
 
 def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                     per_layer: Callable[[PrefillContext], Any], obs_window: int,
-                    all_logits: bool, col_all: bool = True) -> tuple[jax.Array, Any]:
+                    all_logits: bool, col_all: bool = True, obs_long: int = 0
+                    ) -> tuple[jax.Array, Any]:
     S, T = tokens.shape
     K, G, E = cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (S, T)).reshape(-1)
@@ -66,7 +71,7 @@ def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
         window = layer_window(cfg, is_sliding)
         o, stats = causal_prefill(q, k, v, lengths, window,
                                   scale=cfg.attention_scale, soft_cap=cfg.attn_logit_softcap,
-                                  obs_window=obs_window, col_all=col_all)
+                                  obs_window=obs_window, col_all=col_all, obs_long=obs_long)
         out = per_layer(PrefillContext(q=q, k=k, v=v, lengths=lengths, stats=stats,
                                        layer=layer, window=window))
         x = attention_out_and_mlp(cfg, layers, lp, layer, x, o.reshape(S * T, K * G, E))
@@ -94,7 +99,9 @@ def prefill(params: Params, cfg: ModelConfig, policy: Any, tokens: jax.Array,
     """
     logits, cache = _prefill_layers(params, cfg, tokens, lengths, policy.prefill,
                                     OBS_WINDOW, all_logits,
-                                    col_all=getattr(policy, "needs_col_all", True))
+                                    col_all=getattr(policy, "needs_col_all", True),
+                                    obs_long=LONG_OBS_WINDOW
+                                    if getattr(policy, "needs_col_obs_long", False) else 0)
     return logits, KVState(cache=cache, seen=lengths.astype(jnp.int32))
 
 
@@ -106,7 +113,8 @@ def capture_prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths
     prefill (`compress`). Logits as `prefill` without `all_logits`."""
     def keep(ctx: PrefillContext) -> tuple:
         return ctx.q, ctx.k, ctx.v, ctx.stats, ctx.window
-    return _prefill_layers(params, cfg, tokens, lengths, keep, OBS_WINDOW, False)
+    return _prefill_layers(params, cfg, tokens, lengths, keep, OBS_WINDOW, False,
+                           obs_long=LONG_OBS_WINDOW)
 
 
 @functools.partial(jax.jit, static_argnames=("policy",))

@@ -87,6 +87,8 @@ class SlotPolicy:
     # Whether `prefill_score` reads `stats.col_all` (H2O's accumulated attention over every
     # prefill query, +30% of the prefill's attention); the prefill skips it otherwise.
     needs_col_all: ClassVar[bool] = False
+    # Whether `prefill_score` reads `stats.col_obs_long` (SnapKV's longer window).
+    needs_col_obs_long: ClassVar[bool] = False
     # False for the full cache, which keeps every token in slot = position (TokenSelect
     # relies on that) even where a window hides it.
     evicts: ClassVar[bool] = True
@@ -236,25 +238,34 @@ class Scissorhands(SlotPolicy):
 @dataclasses.dataclass(frozen=True)
 class SnapKV(SlotPolicy):
     """Selection at the end of prefill by the attention of an observation window (the
-    last `recent` queries), pooled over neighbours; the window itself is kept. Decode then
-    evicts by accumulated attention as H2O does; the registry gives it H2O's protected
-    window of the newest budget/2 tokens (`decode_recent`): SnapKV itself never evicts
-    generated tokens, a static budget must, and this keeps them for budget/2 steps."""
+    last `model.LONG_OBS_WINDOW` = 128 queries), pooled over neighbours; the newest
+    `recent` tokens are kept. SnapKV's paper observes with 32 queries; on Gemma 3's global
+    layers, whose attention is diffuse, 128 predicted the next 256 tokens' attention better
+    on held-out text (docs/kv_compression.md, "Eviction on Gemma 3"). Decode then evicts by
+    accumulated attention as H2O does; the registry gives it H2O's protected window of the
+    newest budget/2 tokens (`decode_recent`): SnapKV itself never evicts generated tokens,
+    a static budget must, and this keeps them for budget/2 steps."""
 
     recent: int = 32
     kernel: int = 7
+    needs_col_obs_long: ClassVar[bool] = True
     name: ClassVar[str] = "snapkv"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:
-        return _maxpool(ctx.stats.col_obs, self.kernel)
+        if ctx.stats.col_obs_long is None:
+            raise ValueError("SnapKV scores by PrefillStats.col_obs_long; prefill with "
+                             "obs_long > 0 (model.prefill does for this policy)")
+        return _maxpool(ctx.stats.col_obs_long, self.kernel)
 
 
 @dataclasses.dataclass(frozen=True)
 class ActQKV(SnapKV):
     """SnapKV with ActQKV's activation-aware probe: one query per head built from the
     observation window, each query weighted by how far its activation departs from the
-    window mean (outlier queries carry the retrieval intent), scores the keys."""
+    window mean (outlier queries carry the retrieval intent), scores the keys. The probe
+    is built from the last `recent` (32) queries."""
 
+    needs_col_obs_long: ClassVar[bool] = False
     name: ClassVar[str] = "actqkv"
 
     def prefill_score(self, ctx: PrefillContext) -> jax.Array:

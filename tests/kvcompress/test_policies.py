@@ -173,7 +173,7 @@ def _synthetic_ctx(S=1, T=512, K=3, G=3, E=64, seed=0):
                enumerate([(S, T, K, G, E), (S, T, K, E), (S, T, K, E)]))
     stat = jax.random.uniform(jax.random.fold_in(key, 9), (S, K, T))
     return PrefillContext(q=q, k=k, v=v, lengths=jnp.full((S,), T, jnp.int32),
-                          stats=PrefillStats(stat, stat, stat))
+                          stats=PrefillStats(stat, stat, stat, stat))
 
 
 @pytest.mark.parametrize("name", ["streaming", "h2o", "scissorhands", "snapkv", "actqkv",
@@ -184,7 +184,7 @@ def test_sliding_layer_keeps_only_visible_keys(name):
     T, W, B = 64, 16, 24
     ctx = _synthetic_ctx(T=T, seed=3)
     old_first = jnp.broadcast_to(-jnp.arange(T, dtype=jnp.float32), ctx.stats.col_all.shape)
-    ctx = ctx.replace(stats=PrefillStats(old_first, old_first, old_first),
+    ctx = ctx.replace(stats=PrefillStats(old_first, old_first, old_first, old_first),
                       window=jnp.asarray(W, jnp.int32))
     state = make_policy(name, max_len=T + 8, budget=B).prefill(ctx)
     pos = np.asarray(state.pos[0])  # [B, K]
@@ -325,12 +325,12 @@ def test_prefill_selection(name):
     recent window it protects, then the tokens of highest score by its own statistic."""
     ctx = _synthetic_ctx()
     ctx = PrefillContext(q=ctx.q, k=ctx.k, v=ctx.v, lengths=ctx.lengths, stats=PrefillStats(
-        *(jax.random.uniform(jax.random.PRNGKey(i), (1, 3, 512)) for i in range(3))))
+        *(jax.random.uniform(jax.random.PRNGKey(i), (1, 3, 512)) for i in range(4))))
     policy = make_policy(name, max_len=512, budget=64)
     state = jax.jit(policy.prefill)(ctx)
     pos = np.asarray(state.pos[0, :64])  # [B, K]
     stats = {"h2o": ctx.stats.col_all, "scissorhands": ctx.stats.col_hits,
-             "snapkv": ctx.stats.col_obs}
+             "snapkv": ctx.stats.col_obs_long}
     for h in range(3):
         kept = set(pos[:, h].tolist())
         assert len(kept) == 64 and min(kept) >= 0
@@ -380,15 +380,21 @@ def test_bad_policy_names_and_budgets():
 
 
 def test_prefill_statistics_against_numpy():
-    """col_all / col_obs / col_hits of a ragged causal prefill (block of 8 < T) against a
-    float64 brute force over the whole probability matrix."""
+    """col_all / col_obs / col_hits / col_obs_long of a ragged causal prefill (block of
+    8 < T) against a float64 brute force over the whole probability matrix. The long
+    window (16) is longer than the second sequence (13): all of its queries count."""
     from jaxinfer.kvcompress.attend import causal_prefill
 
-    S, T, K, G, E, W = 2, 20, 2, 3, 8, 5
+    S, T, K, G, E, W, WL = 2, 20, 2, 3, 8, 5, 16
     ctx = _synthetic_ctx(S=S, T=T, K=K, G=G, E=E, seed=7)
     lengths = np.asarray([20, 13])
     _, st = causal_prefill(ctx.q, ctx.k, ctx.v, jnp.asarray(lengths), None, scale=0.3,
-                           soft_cap=None, obs_window=W, block=8)
+                           soft_cap=None, obs_window=W, obs_long=WL, block=8)
+    _, short = causal_prefill(ctx.q, ctx.k, ctx.v, jnp.asarray(lengths), None, scale=0.3,
+                              soft_cap=None, obs_window=W, block=8)
+    assert short.col_obs_long is None
+    for a, b in zip(st[:3], short[:3], strict=True):  # the long window changes none of the others
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     q, k = np.asarray(ctx.q, np.float64), np.asarray(ctx.k, np.float64)
     for s in range(S):
         n = lengths[s]
@@ -402,6 +408,8 @@ def test_prefill_statistics_against_numpy():
         np.testing.assert_allclose(np.asarray(st.col_obs)[s, :, :n], p[:, :, obs].sum((1, 2)),
                                    atol=1e-5)
         np.testing.assert_array_equal(np.asarray(st.col_hits)[s, :, :n], hits)
+        np.testing.assert_allclose(np.asarray(st.col_obs_long)[s, :, :n],
+                                   p[:, :, max(0, n - WL):n].sum((1, 2)), atol=1e-5)
         assert not np.asarray(st.col_all)[s, :, n:].any()
 
 
