@@ -379,6 +379,28 @@ def test_bad_policy_names_and_budgets():
         make_policy("h2o", max_len=64, budget=2)
 
 
+def test_snapkv_observation_windows():
+    """SnapKV keeps the tokens its observation window attends to most: by default the
+    128-query window's statistic, with long_window=False the 32-query one's."""
+    from jaxinfer.kvcompress import policies as P
+
+    T, B = 256, 40
+    ctx = _synthetic_ctx(T=T, K=1, seed=4)
+    short, long_ = (jax.random.uniform(jax.random.PRNGKey(i), (1, 1, T)) for i in (1, 2))
+    ctx = ctx.replace(stats=PrefillStats(short, short, short, long_))
+    for policy, stat in ((P.SnapKV(budget=B, kernel=1), long_),
+                         (P.SnapKV(budget=B, kernel=1, long_window=False), short)):
+        kept = set(np.asarray(policy.prefill(ctx).pos[0, :B, 0]).tolist())
+        newest = set(range(T - 32, T))
+        ranked = [t for t in np.argsort(-np.asarray(stat[0, 0])) if t not in newest]
+        assert kept == newest | set(ranked[:B - 32])
+    assert P.SnapKV(budget=B).needs_col_obs_long
+    assert not P.SnapKV(budget=B, long_window=False).needs_col_obs_long
+    assert not P.ActQKV(budget=B).needs_col_obs_long
+    with pytest.raises(ValueError, match="col_obs_long"):
+        P.SnapKV(budget=B).prefill(ctx.replace(stats=PrefillStats(short, short, short)))
+
+
 def test_prefill_statistics_against_numpy():
     """col_all / col_obs / col_hits / col_obs_long of a ragged causal prefill (block of
     8 < T) against a float64 brute force over the whole probability matrix. The long

@@ -1,0 +1,150 @@
+"""Probes behind docs/kv_compression.md's eviction analysis (CPU, minutes each).
+
+  coverage  per layer, where the last 32 prompt queries put their attention (distance
+            buckets) and the share the best 1,024 keys hold for those same queries;
+  oracle    a bound for prefill-time selection at a 25% budget: keep the prompt tokens the
+            teacher-forced continuation's own queries (full cache, every step) attend most,
+            then decode as SnapKV does; prints full, oracle and snapkv on the same windows;
+  obs       SnapKV scored by observation windows of several lengths (--obs 32,128,256).
+
+Windows are 4,096-token Bible windows; `--first 8` starts past the eight that
+`eval-kv --text-windows 8` scores (held-out text). JSON lines on stdout.
+
+  python scripts/kv_probe.py coverage --model checkpoints/gemma-3-270m-q4_k_m.gguf --first 8
+  python scripts/kv_probe.py oracle --model checkpoints/gemma-3-270m-q4_k_m.gguf --windows 8
+  python scripts/kv_probe.py obs --model checkpoints/gemma-3-270m-q4_k_m.gguf --first 8 \
+      --windows 4 --obs 32,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.kvcompress import evaluate as ev
+from jaxinfer.kvcompress import policies as P
+from jaxinfer.kvcompress.model import OBS_WINDOW, _prefill_layers, capture_prefill
+
+CTX, DECODE = 4096, 256
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "obs"))
+def window_attention(params, cfg, tokens, lengths, obs: int) -> jax.Array:
+    """[L, S, K, T] attention each key receives from each sequence's last `obs` queries."""
+    _, col = _prefill_layers(params, cfg, tokens, lengths, lambda c: c.stats.col_obs, obs,
+                             False, col_all=False)
+    return col
+
+
+def coverage(m, ids: np.ndarray) -> None:
+    P_ = CTX - DECODE
+    lengths = jnp.full((ids.shape[0],), P_, jnp.int32)
+    col = np.asarray(window_attention(m.params, m.cfg, jnp.asarray(ids[:, :P_], jnp.int32),
+                                      lengths, OBS_WINDOW))[..., :P_]  # [L, S, K, T]
+    sliding = np.asarray(m.cfg.sliding_layer_mask)
+    dist = P_ - 1 - np.arange(P_)
+    buckets = [(0, 32), (32, 512), (512, 1024), (1024, P_ - 4), (P_ - 4, P_)]
+    for layer in range(col.shape[0]):
+        a = col[layer].sum(axis=(0, 1))
+        a = a / a.sum()
+        top = np.sort(col[layer], axis=-1)[..., ::-1][..., :CTX // 4].sum(-1)
+        print(json.dumps({
+            "layer": layer, "sliding": bool(sliding[layer]),
+            "share_by_distance": {f"{lo}-{hi}": round(float(a[(dist >= lo) & (dist < hi)].sum()), 4)
+                                  for lo, hi in buckets},
+            "top1024_share": round(float((top / col[layer].sum(-1)).mean()), 4)}), flush=True)
+
+
+def _score(m, policies: dict, ids: np.ndarray, capture_for) -> dict[str, tuple]:
+    """Teacher-forced decode of every policy over the windows, 4 at a time."""
+    P_ = CTX - DECODE
+    out: dict[str, tuple[list, list]] = {n: ([], []) for n in policies}
+    for w0 in range(0, ids.shape[0], 4):
+        t0 = time.perf_counter()
+        win = ids[w0:w0 + 4]
+        lengths = jnp.full((win.shape[0],), P_, jnp.int32)
+        first, cap = capture_prefill(m.params, m.cfg, jnp.asarray(win[:, :P_], jnp.int32),
+                                     lengths)
+        full_lp = None
+        for name, pol in policies.items():
+            logits, _, _ = ev._generate(m.params, m.cfg, pol, capture_for(name, cap, win),
+                                        lengths, first, DECODE, forced=win[:, P_:])
+            lp = ev._log_softmax(logits.astype(np.float64))
+            full_lp = lp if full_lp is None else full_lp
+            for b in range(win.shape[0]):
+                out[name][0].extend(-lp[b, np.arange(DECODE), win[b, P_:]])
+                out[name][1].extend((np.exp(full_lp[b]) * (full_lp[b] - lp[b])).sum(-1))
+        print(f"[kv_probe] windows {w0 + 1}-{w0 + win.shape[0]}: "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def _emit(res: dict, extra: dict) -> None:
+    base = float(np.exp(np.mean(res["full"][0])))
+    for name, (nll, kl) in res.items():
+        ppl = float(np.exp(np.mean(nll)))
+        print(json.dumps({**extra, "policy": name, "tokens": len(nll), "ppl": ppl,
+                          "ppl_delta_pct": 100 * (ppl / base - 1),
+                          "kl": float(np.mean(kl))}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probe", choices=["coverage", "oracle", "obs"])
+    ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M)")
+    ap.add_argument("--first", type=int, default=0, help="first Bible window (0-based)")
+    ap.add_argument("--windows", type=int, default=2, help="how many 4,096-token windows")
+    ap.add_argument("--obs", default="32,128,256", help="observation windows for `obs`")
+    args = ap.parse_args()
+    from jaxinfer.weights.loader import load_model
+
+    m = load_model(args.model, attention_impl="xla", matmul_impl="cpu")
+    n = args.first + args.windows
+    ids = np.asarray(ev._bible_ids(m.tokenizer, CTX * n, 0)).reshape(-1, CTX)[args.first:n]
+    extra = {"model": args.model or "smollm2-135m", "windows": f"{args.first}-{n - 1}"}
+    budget = CTX // 4
+    P_ = CTX - DECODE
+    if args.probe == "coverage":
+        coverage(m, ids)
+    elif args.probe == "oracle":
+        def capture_for(name: str, cap: tuple, win: np.ndarray) -> tuple:
+            if name != "oracle@0.25":
+                return cap
+            # Attention from the continuation's own queries (positions P_..CTX-1) to the
+            # prompt's keys, in a full-cache prefill of the whole window.
+            fut = window_attention(m.params, m.cfg, jnp.asarray(win, jnp.int32),
+                                   jnp.full((win.shape[0],), CTX, jnp.int32), DECODE)
+            q, k, v, stats, window = cap
+            return q, k, v, stats._replace(col_obs=fut[..., :P_]), window
+        pols = {"full": ev._policy("full", None, CTX, CTX),
+                "oracle@0.25": P.SnapKV(budget=budget, recent=0, kernel=1,
+                                        decode_recent=DECODE + 1, long_window=False),
+                "snapkv@0.25": ev._policy("snapkv", 0.25, CTX, CTX)}
+        _emit(_score(m, pols, ids, capture_for), extra)
+    else:
+        sizes = [int(x) for x in args.obs.split(",")]
+
+        def capture_for(name: str, cap: tuple, win: np.ndarray) -> tuple:
+            if name == "full":
+                return cap
+            obs = int(name.removeprefix("snapkv-obs"))
+            col = window_attention(m.params, m.cfg, jnp.asarray(win[:, :P_], jnp.int32),
+                                   jnp.full((win.shape[0],), P_, jnp.int32), obs)
+            q, k, v, stats, window = cap
+            return q, k, v, stats._replace(col_obs=col), window
+        pols = {"full": ev._policy("full", None, CTX, CTX)}
+        pols |= {f"snapkv-obs{o}": P.SnapKV(budget=budget, recent=32, decode_recent=budget // 2,
+                                            long_window=False) for o in sizes}
+        _emit(_score(m, pols, ids, capture_for), extra)
+
+
+if __name__ == "__main__":
+    main()
