@@ -5,7 +5,8 @@
   oracle    a bound for prefill-time selection at a 25% budget: keep the prompt tokens the
             teacher-forced continuation's own queries (full cache, every step) attend most,
             then decode as SnapKV does; prints full, oracle and snapkv on the same windows;
-  obs       SnapKV scored by observation windows of several lengths (--obs 32,128,256).
+  obs       SnapKV scored by observation windows of several lengths (--obs 32,128,256),
+            or by its own settings (--obs short,long,both).
 
 Windows are 4,096-token Bible windows; `--first 8` starts past the eight that
 `eval-kv --text-windows 8` scores (held-out text). JSON lines on stdout.
@@ -30,7 +31,8 @@ import numpy as np
 
 from jaxinfer.kvcompress import evaluate as ev
 from jaxinfer.kvcompress import policies as P
-from jaxinfer.kvcompress.model import OBS_WINDOW, _prefill_layers, capture_prefill
+from jaxinfer.kvcompress.attend import OBS_WINDOW
+from jaxinfer.kvcompress.model import _prefill_layers, capture_prefill
 
 CTX, DECODE = 4096, 256
 
@@ -126,25 +128,25 @@ def main() -> None:
             return q, k, v, stats._replace(col_obs=fut[..., :P_]), window
         pols = {"full": ev._policy("full", None, CTX, CTX),
                 "oracle@0.25": P.SnapKV(budget=budget, recent=0, kernel=1,
-                                        decode_recent=DECODE + 1, long_window=False),
+                                        decode_recent=DECODE + 1, observe="short"),
                 "snapkv@0.25": ev._policy("snapkv", 0.25, CTX, CTX)}
         _emit(_score(m, pols, ids, capture_for), extra)
     else:
-        sizes = [int(x) for x in args.obs.split(",")]
+        sizes = args.obs.split(",")  # query counts, or short / long / both (SnapKV's own)
 
         def capture_for(name: str, cap: tuple, win: np.ndarray) -> tuple:
-            if name == "full":
-                return cap
-            obs = int(name.removeprefix("snapkv-obs"))
+            obs = name.removeprefix("snapkv-obs")
+            if name == "full" or not obs.isdigit():
+                return cap  # the capture holds both of SnapKV's windows
             col = window_attention(m.params, m.cfg, jnp.asarray(win[:, :P_], jnp.int32),
-                                   jnp.full((win.shape[0],), P_, jnp.int32), obs)
+                                   jnp.full((win.shape[0],), P_, jnp.int32), int(obs))
             q, k, v, stats, window = cap
             return q, k, v, stats._replace(col_obs=col), window
         pols = {"full": ev._policy("full", None, CTX, CTX)}
         pols |= {f"snapkv-obs{o}": P.SnapKV(budget=budget, recent=32, decode_recent=budget // 2,
-                                            long_window=False) for o in sizes}
+                                            observe="short" if o.isdigit() else o)
+                 for o in sizes}
         _emit(_score(m, pols, ids, capture_for), extra)
-
 
 if __name__ == "__main__":
     main()

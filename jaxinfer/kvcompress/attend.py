@@ -46,6 +46,16 @@ def attend(
     return out.astype(q.dtype), p
 
 
+# Queries at the end of each prompt whose attention scores tokens (Scissorhands' history,
+# D2O's merge weights, SnapKV's short window); one value so that one captured prefill
+# serves every policy.
+OBS_WINDOW = 32
+# SnapKV's longer observation window (`PrefillStats.col_obs_long`). On Gemma 3's global
+# layers, whose attention is diffuse, 128 queries predict what the next 256 read better
+# than 32 (docs/kv_compression.md, "Eviction on Gemma 3").
+LONG_OBS_WINDOW = 128
+
+
 class PrefillStats(NamedTuple):
     """Per-key attention statistics of a prefill, each [S, K, T] summed over query groups.
 

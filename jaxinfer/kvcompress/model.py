@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.kvcompress.attend import causal_prefill
+from jaxinfer.kvcompress.attend import LONG_OBS_WINDOW, OBS_WINDOW, causal_prefill
 from jaxinfer.kvcompress.policies import DecodeContext, PrefillContext
 from jaxinfer.model.layers import rms_norm
 from jaxinfer.model.params import Params
@@ -42,13 +42,6 @@ class KVState:
     seen: Any  # [S] int32: tokens consumed, i.e. the next token's position
 
 
-# Queries at the end of each prompt whose attention scores tokens (Scissorhands' history,
-# D2O's merge weights); one value so that one captured prefill serves every policy.
-OBS_WINDOW = 32
-# SnapKV's longer observation window (`PrefillStats.col_obs_long`). On Gemma 3's global
-# layers, whose attention is diffuse, 128 queries predict what the next 256 read better
-# than 32 (docs/kv_compression.md, "Eviction on Gemma 3").
-LONG_OBS_WINDOW = 128
 
 
 def _prefill_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array,

@@ -330,7 +330,8 @@ def test_prefill_selection(name):
     state = jax.jit(policy.prefill)(ctx)
     pos = np.asarray(state.pos[0, :64])  # [B, K]
     stats = {"h2o": ctx.stats.col_all, "scissorhands": ctx.stats.col_hits,
-             "snapkv": ctx.stats.col_obs_long}
+             # SnapKV's default observes with both windows: the larger per-query mean
+             "snapkv": jnp.maximum(ctx.stats.col_obs / 32, ctx.stats.col_obs_long / 128)}
     for h in range(3):
         kept = set(pos[:, h].tolist())
         assert len(kept) == 64 and min(kept) >= 0
@@ -380,25 +381,28 @@ def test_bad_policy_names_and_budgets():
 
 
 def test_snapkv_observation_windows():
-    """SnapKV keeps the tokens its observation window attends to most: by default the
-    128-query window's statistic, with long_window=False the 32-query one's."""
+    """SnapKV keeps the tokens its observation window attends to most: the 32-query
+    window's statistic ("short"), the 128-query one's ("long") or the larger per-query
+    mean of the two ("both")."""
     from jaxinfer.kvcompress import policies as P
 
     T, B = 256, 40
     ctx = _synthetic_ctx(T=T, K=1, seed=4)
     short, long_ = (jax.random.uniform(jax.random.PRNGKey(i), (1, 1, T)) for i in (1, 2))
     ctx = ctx.replace(stats=PrefillStats(short, short, short, long_))
-    for policy, stat in ((P.SnapKV(budget=B, kernel=1), long_),
-                         (P.SnapKV(budget=B, kernel=1, long_window=False), short)):
+    both = np.maximum(np.asarray(short) / 32, np.asarray(long_) / 128)
+    for observe, stat in (("short", short), ("long", long_), ("both", both)):
+        policy = P.SnapKV(budget=B, kernel=1, observe=observe)
         kept = set(np.asarray(policy.prefill(ctx).pos[0, :B, 0]).tolist())
         newest = set(range(T - 32, T))
         ranked = [t for t in np.argsort(-np.asarray(stat[0, 0])) if t not in newest]
-        assert kept == newest | set(ranked[:B - 32])
-    assert P.SnapKV(budget=B).needs_col_obs_long
-    assert not P.SnapKV(budget=B, long_window=False).needs_col_obs_long
+        assert kept == newest | set(ranked[:B - 32]), observe
+        assert policy.needs_col_obs_long == (observe != "short")
     assert not P.ActQKV(budget=B).needs_col_obs_long
     with pytest.raises(ValueError, match="col_obs_long"):
         P.SnapKV(budget=B).prefill(ctx.replace(stats=PrefillStats(short, short, short)))
+    with pytest.raises(ValueError, match="short, long or both"):
+        P.SnapKV(budget=B, observe="medium")
 
 
 def test_prefill_statistics_against_numpy():
