@@ -61,7 +61,7 @@ class PrefillStats(NamedTuple):
 
     col_all: attention received from every valid query (H2O's accumulated attention).
     col_obs: attention received from each sequence's last `obs_window` queries (D2O's
-      merge weights).
+      merge weights, SnapKV's short window).
     col_hits: how many of those queries gave the key more than a uniform share 1/(t+1)
       (Scissorhands' persistence of importance).
     col_obs_long: attention received from the last `obs_long` queries (SnapKV's selection);
