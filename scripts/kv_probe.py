@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +30,7 @@ import numpy as np
 from jaxinfer.kvcompress import evaluate as ev
 from jaxinfer.kvcompress import policies as P
 from jaxinfer.kvcompress.attend import OBS_WINDOW
-from jaxinfer.kvcompress.model import _prefill_layers, capture_prefill
+from jaxinfer.kvcompress.model import _prefill_layers
 
 CTX, DECODE = 4096, 256
 
@@ -64,37 +62,11 @@ def coverage(m, ids: np.ndarray) -> None:
             "top1024_share": round(float((top / col[layer].sum(-1)).mean()), 4)}), flush=True)
 
 
-def _score(m, policies: dict, ids: np.ndarray, capture_for) -> dict[str, tuple]:
-    """Teacher-forced decode of every policy over the windows, 4 at a time."""
-    P_ = CTX - DECODE
-    out: dict[str, tuple[list, list]] = {n: ([], []) for n in policies}
-    for w0 in range(0, ids.shape[0], 4):
-        t0 = time.perf_counter()
-        win = ids[w0:w0 + 4]
-        lengths = jnp.full((win.shape[0],), P_, jnp.int32)
-        first, cap = capture_prefill(m.params, m.cfg, jnp.asarray(win[:, :P_], jnp.int32),
-                                     lengths)
-        full_lp = None
-        for name, pol in policies.items():
-            logits, _, _ = ev._generate(m.params, m.cfg, pol, capture_for(name, cap, win),
-                                        lengths, first, DECODE, forced=win[:, P_:])
-            lp = ev._log_softmax(logits.astype(np.float64))
-            full_lp = lp if full_lp is None else full_lp
-            for b in range(win.shape[0]):
-                out[name][0].extend(-lp[b, np.arange(DECODE), win[b, P_:]])
-                out[name][1].extend((np.exp(full_lp[b]) * (full_lp[b] - lp[b])).sum(-1))
-        print(f"[kv_probe] windows {w0 + 1}-{w0 + win.shape[0]}: "
-              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return out
-
-
-def _emit(res: dict, extra: dict) -> None:
-    base = float(np.exp(np.mean(res["full"][0])))
-    for name, (nll, kl) in res.items():
-        ppl = float(np.exp(np.mean(nll)))
-        print(json.dumps({**extra, "policy": name, "tokens": len(nll), "ppl": ppl,
-                          "ppl_delta_pct": 100 * (ppl / base - 1),
-                          "kl": float(np.mean(kl))}), flush=True)
+def _emit(m, policies: dict, ids: np.ndarray, capture_for, extra: dict) -> None:
+    """Teacher-forced text scores of every policy (the first is the reference), JSON lines."""
+    res = ev.score_windows(m.params, m.cfg, ids, DECODE, policies, capture_for=capture_for)
+    for row in ev.text_rows(res):
+        print(json.dumps({**extra, **row}), flush=True)
 
 
 def main() -> None:
@@ -130,7 +102,7 @@ def main() -> None:
                 "oracle@0.25": P.SnapKV(budget=budget, recent=0, kernel=1,
                                         decode_recent=DECODE + 1, observe="short"),
                 "snapkv@0.25": ev._policy("snapkv", 0.25, CTX, CTX)}
-        _emit(_score(m, pols, ids, capture_for), extra)
+        _emit(m, pols, ids, capture_for, extra)
     else:
         sizes = args.obs.split(",")  # query counts, or short / long / both (SnapKV's own)
 
@@ -146,7 +118,7 @@ def main() -> None:
         pols |= {f"snapkv-obs{o}": P.SnapKV(budget=budget, recent=32, decode_recent=budget // 2,
                                             observe="short" if o.isdigit() else o)
                  for o in sizes}
-        _emit(_score(m, pols, ids, capture_for), extra)
+        _emit(m, pols, ids, capture_for, extra)
 
 if __name__ == "__main__":
     main()

@@ -133,49 +133,73 @@ def _bible_ids(tokenizer: Any, count: int, start: int) -> list[int]:
     return ids[:count]
 
 
-def eval_text(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable,
-              heads: tuple = ()) -> None:
-    D, ctx = cfg.text_decode, cfg.context
-    P = ctx - D
-    ids = np.asarray(_bible_ids(tokenizer, ctx * cfg.text_windows, 0)).reshape(-1, ctx)
+def score_windows(params, mcfg, ids: np.ndarray, decode: int,
+                  policies: dict[str, Any], batch: int = 4,
+                  capture_for: Callable[[str, tuple, np.ndarray], tuple] | None = None
+                  ) -> dict[str, dict[str, list[float]]]:
+    """Teacher-force the last `decode` tokens of each window ids [W, ctx] with every policy
+    (label -> policy; the first is the reference) after one shared captured prefill per
+    batch of windows. `capture_for(label, captured, windows)` may substitute a policy's
+    capture (the probes in scripts/kv_probe.py). Per label: per-token nll, KL(reference ||
+    policy) and top-1 agreement, and KV bytes per sequence."""
+    P = ids.shape[1] - decode
     results: dict[str, dict[str, list[float]]] = {}
-    B = max(1, min(cfg.text_batch, ids.shape[0]))
-    for w0 in range(0, ids.shape[0], B):
+    for w0 in range(0, ids.shape[0], batch):
         # Windows decode together as one ragged batch (equal lengths here): a step over B
         # sequences costs far less than B steps, since every step reads all the weights.
-        prompt, cont = ids[w0:w0 + B, :P], ids[w0:w0 + B, P:]
+        win = ids[w0:w0 + batch]
+        prompt, cont = win[:, :P], win[:, P:]
         nb = prompt.shape[0]
         lengths = jnp.full((nb,), P, jnp.int32)
         t0 = time.perf_counter()
         first, captured = capture_prefill(params, mcfg, jnp.asarray(prompt, jnp.int32), lengths)
         jax.block_until_ready(first)
         prefill_s = time.perf_counter() - t0
-        full_lp = None
-        for name, frac in run_configs(cfg):
-            policy = _policy(name, frac, ctx, ctx, heads)
-            logits, _, kv_bytes = _generate(params, mcfg, policy, captured, lengths, first, D,
+        ref_lp = None
+        for label, policy in policies.items():
+            cap = captured if capture_for is None else capture_for(label, captured, win)
+            logits, _, kv_bytes = _generate(params, mcfg, policy, cap, lengths, first, decode,
                                             forced=cont)
             lp = _log_softmax(logits.astype(np.float64))  # [nb, D, V]
-            if full_lp is None:
-                full_lp = lp
-            r = results.setdefault(_label(name, frac), {"nll": [], "kl": [], "top1": [],
-                                                        "kv_bytes": []})
+            if ref_lp is None:
+                ref_lp = lp
+            r = results.setdefault(label, {"nll": [], "kl": [], "top1": [], "kv_bytes": []})
             for b in range(nb):
-                r["nll"] += list(-lp[b, np.arange(D), cont[b]])
-                r["kl"] += list((np.exp(full_lp[b]) * (full_lp[b] - lp[b])).sum(-1))
-                r["top1"] += list((lp[b].argmax(-1) == full_lp[b].argmax(-1)).astype(float))
+                r["nll"] += list(-lp[b, np.arange(decode), cont[b]])
+                r["kl"] += list((np.exp(ref_lp[b]) * (ref_lp[b] - lp[b])).sum(-1))
+                r["top1"] += list((lp[b].argmax(-1) == ref_lp[b].argmax(-1)).astype(float))
             r["kv_bytes"].append(kv_bytes / nb)  # per sequence
         del captured
         print(f"[eval-kv] text windows {w0 + 1}-{w0 + nb}/{ids.shape[0]} "
               f"(prefill {prefill_s:.1f} s)", file=sys.stderr)
-    base = float(np.exp(np.mean(results["full"]["nll"])))
-    full_bytes = float(np.mean(results["full"]["kv_bytes"]))
+    return results
+
+
+def text_rows(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """One row per label of `score_windows`' results, perplexity relative to the first."""
+    ref = next(iter(results.values()))
+    base = float(np.exp(np.mean(ref["nll"])))
+    ref_bytes = float(np.mean(ref["kv_bytes"]))
+    rows = []
     for label, r in results.items():
         ppl = float(np.exp(np.mean(r["nll"])))
-        emit({"part": "text", "policy": label, "context": ctx, "tokens": len(r["nll"]),
-              "ppl": ppl, "ppl_delta_pct": 100 * (ppl / base - 1), "kl": float(np.mean(r["kl"])),
-              "top1": float(np.mean(r["top1"])), "kv_bytes": int(np.mean(r["kv_bytes"])),
-              "kv_ratio": float(np.mean(r["kv_bytes"])) / full_bytes})
+        rows.append({"policy": label, "tokens": len(r["nll"]), "ppl": ppl,
+                     "ppl_delta_pct": 100 * (ppl / base - 1), "kl": float(np.mean(r["kl"])),
+                     "top1": float(np.mean(r["top1"])), "kv_bytes": int(np.mean(r["kv_bytes"])),
+                     "kv_ratio": float(np.mean(r["kv_bytes"])) / ref_bytes})
+    return rows
+
+
+def eval_text(params, mcfg, tokenizer, cfg: EvalKVConfig, emit: Callable,
+              heads: tuple = ()) -> None:
+    ctx = cfg.context
+    ids = np.asarray(_bible_ids(tokenizer, ctx * cfg.text_windows, 0)).reshape(-1, ctx)
+    policies = {_label(name, frac): _policy(name, frac, ctx, ctx, heads)
+                for name, frac in run_configs(cfg)}
+    results = score_windows(params, mcfg, ids, cfg.text_decode, policies,
+                            batch=max(1, min(cfg.text_batch, ids.shape[0])))
+    for row in text_rows(results):
+        emit({"part": "text", "policy": row.pop("policy"), "context": ctx, **row})
 
 
 _FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
